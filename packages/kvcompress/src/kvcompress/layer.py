@@ -1,0 +1,185 @@
+"""The compressed cache layer: a transformers ``CacheLayerMixin`` driven by a policy."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .buffers import SlotBuffer
+from .errors import AttentionNotAttachedError
+from .policy import Representation, SlotContext
+from .store import DenseStore
+
+# The layer whose ``update`` ran last in this thread: the attention call that follows is its own.
+current = threading.local()
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's cache under a selection policy and an optional representation.
+
+    ``get_seq_length()`` is the number of tokens *seen* (so new tokens keep their
+    true positions); ``get_mask_sizes()`` covers the tokens *stored*. Eviction
+    runs right after the layer's attention (see :mod:`kvcompress.attention`),
+    once ``step`` tokens have accumulated beyond the budget.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, selection, representation: Representation | None, layer_idx: int) -> None:
+        super().__init__()
+        self.selection = selection
+        self.representation = representation
+        self.layer_idx = layer_idx
+        self.slots = SlotBuffer()
+        self.store = None
+        self.seen = 0
+        self.returned_keys: torch.Tensor | None = None
+        self.awaiting_attention = False
+        self.evictions = 0
+
+    @property
+    def is_croppable(self) -> bool:  # a rollback cannot bring evicted tokens back
+        return self.evictions == 0
+
+    # -- transformers API -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        rep = self.representation
+        self.store = rep.make_store(self.layer_idx) if rep is not None else DenseStore()
+        self.is_initialized = True
+
+    def _capacity(self) -> int | None:
+        target = self.selection.target(self.seen)
+        return None if target is None or self.selection.ratio_driven else target + self.selection.step
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.awaiting_attention and self.selection.target(self.seen) is not None:
+            raise AttentionNotAttachedError(
+                "this kvcompress cache evicts after attention, but the model's attention did not go "
+                "through kvcompress; load the model with attn_implementation='sdpa' or call "
+                "kvcompress.attach(model)"
+            )
+        b, h, q, _ = key_states.shape
+        positions = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
+        new = {
+            "positions": positions.view(1, 1, q).expand(b, h, q),
+            "valid": torch.ones((1, 1, 1), dtype=torch.bool, device=key_states.device).expand(b, h, q),
+        }
+        for name, dtype in self.selection.slot_states.items():
+            new[name] = torch.zeros((1, 1, 1), dtype=dtype, device=key_states.device).expand(b, h, q)
+        cap = self._capacity()
+        self.slots.append(cap=cap, **new)
+        self.store.append(key_states, value_states, cap=cap)
+        self.seen += q
+        keys, values = self.store.keys_values()
+        self.returned_keys = keys
+        self.awaiting_attention = True
+        current.layer = self
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.slots.length
+        return stored + query_length, self.seen - stored
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.slots.clear()
+        self.store = None
+        self.seen = 0
+        self.evictions = 0
+        self.awaiting_attention = False
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        n = abs(tokens_to_remove) if tokens_to_remove < 0 else self.seen - tokens_to_remove
+        if n <= 0 or not self.is_initialized:
+            return
+        if n > self.slots.length:
+            raise ValueError(
+                f"crop: parameter 'tokens_to_remove' asks to remove {n} tokens; allowed: at most the "
+                f"{self.slots.length} tokens this layer stores"
+            )
+        self.slots.truncate(n)
+        self.store.truncate(n)
+        self.seen -= n
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            batch = self.slots.tensors["valid"].shape[0]
+            self._select_batch(torch.arange(batch, device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            if indices.dtype == torch.bool:
+                indices = indices.nonzero().flatten()
+            self._select_batch(torch.as_tensor(indices, device=self.device))
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if self.is_initialized and self.slots.length > 0:
+            self.slots.select_batch(index)
+            self.store.select_batch(index)
+
+    def offload(self) -> None:  # the dense buffers stay where they are
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    # -- policy machinery ---------------------------------------------------------------------------
+    def context(self) -> SlotContext:
+        keys, values = self.store.keys_values()
+        views = self.slots.views()
+        state = {name: views[name] for name in self.selection.slot_states}
+        return SlotContext(self.layer_idx, self.seen, views["positions"], views["valid"], state, keys, values)
+
+    def finish_attention(self, new_valid: torch.Tensor | None) -> None:
+        """Called after this layer's attention: record padding, then evict if due."""
+        self.awaiting_attention = False
+        if new_valid is not None:
+            q = new_valid.shape[-1]
+            self.slots.tensors["valid"][:, :, self.slots.length - q : self.slots.length] &= new_valid[:, None, :]
+        self.maybe_evict()
+
+    def maybe_evict(self) -> None:
+        target = self.selection.target(self.seen)
+        if target is None or self.slots.length < target + self.selection.step:
+            return
+        ctx = self.context()
+        scores = self.selection.score(ctx).float().nan_to_num(0.0, 1e30, -1e30)
+        valid = ctx.valid
+        n = self.slots.length
+        protected = torch.zeros_like(valid)
+        if self.selection.sink:
+            rank = valid.to(torch.int32).cumsum(-1)
+            protected |= rank <= self.selection.sink
+        if self.selection.recent:
+            protected[..., max(n - self.selection.recent, 0):] = True
+        scores = scores.masked_fill(protected & valid, float("inf")).masked_fill(~valid, float("-inf"))
+        keep = scores.topk(min(target, n), dim=-1, sorted=False).indices.sort(dim=-1).values
+        self.slots.keep(keep)
+        self.store.keep(keep)
+        self.evictions += 1
+        cap = self._capacity()
+        if cap is not None:
+            self.slots.shrink(cap)
+            self.store.shrink(cap)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds: stored K/V (however represented) and per-slot state."""
+        if not self.is_initialized:
+            return 0
+        return self.store.nbytes() + self.slots.nbytes()
