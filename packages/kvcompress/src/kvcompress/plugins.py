@@ -15,6 +15,7 @@ from .errors import PolicyUnavailableError, RegistrationConflictError, UnknownPo
 
 GROUP = "kvcompress"
 KINDS = ("policies", "metrics", "tasks")
+_SINGULAR = {"policies": "policy", "metrics": "metric", "tasks": "task"}
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def _make_register(registry: Registry, kind: str, distribution: str, version: st
         if key in table:
             other = table[key]
             raise RegistrationConflictError(
-                f"{kind[:-1]} name {key!r} is registered twice: by distribution {other.distribution!r} "
+                f"{_SINGULAR[kind]} name {key!r} is registered twice: by distribution {other.distribution!r} "
                 f"and by distribution {distribution!r}"
             )
         table[key] = Entry(key, obj, distribution, version, _describe(obj, description))

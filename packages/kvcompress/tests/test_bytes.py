@@ -1,0 +1,56 @@
+"""Reported KV bytes equal the bytes of the tensors the cache actually holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvcompress
+from conftest import greedy_logits, tiny_model
+
+
+def _held_tensors(obj, seen=None) -> dict[int, torch.Tensor]:
+    """Every tensor reachable from ``obj``'s attributes, dicts and lists (found independently of nbytes())."""
+    seen = {} if seen is None else seen
+    stack = [obj]
+    visited = set()
+    while stack:
+        item = stack.pop()
+        if id(item) in visited:
+            continue
+        visited.add(id(item))
+        if isinstance(item, torch.Tensor):
+            seen[item.untyped_storage().data_ptr()] = item
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and not isinstance(item, type) and not callable(item):
+            stack.extend(v for k, v in vars(item).items() if k not in ("selection", "representation"))
+    return seen
+
+
+@pytest.mark.parametrize("spec", ["full", "window(budget=16)", "sink(budget=24,step=8)", "random(budget=9)"])
+def test_kv_bytes_equal_held_storage(spec):
+    model = tiny_model("llama")
+    cache = kvcompress.make_cache(spec, model=model)
+    greedy_logits(model, torch.randint(1, 96, (2, 40)), cache, steps=10)
+    layers = [layer for layer in cache.layers]
+    held = {}
+    for layer in layers:
+        held.update(_held_tensors(layer))
+    storage_bytes = sum(t.untyped_storage().nbytes() for t in held.values())
+    assert kvcompress.kv_bytes(cache) == storage_bytes
+
+
+def test_window_holds_fewer_bytes_than_full():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (1, 120))
+    full, window = DynamicCache(), kvcompress.make_cache("window(budget=16,step=4)", model=model)
+    greedy_logits(model, ids, full, steps=2)
+    greedy_logits(model, ids, window, steps=2)
+    # K+V: 2 layers x 2 heads x 16 dims x 4 bytes x 2 -> 512 bytes per token in full
+    assert kvcompress.kv_bytes(full) == 122 * 512
+    # window: at most budget+step slots of K/V plus 5 bytes (int32 position + bool validity) per slot-head
+    assert kvcompress.kv_bytes(window) <= 20 * (512 + 2 * 2 * 5)
