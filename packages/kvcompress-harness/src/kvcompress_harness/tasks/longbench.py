@@ -1,0 +1,119 @@
+"""``longbench``: NarrativeQA, Qasper and MultiFieldQA-en from LongBench (Bai et al., 2023), QA F1.
+
+Prompts, generation lengths, middle truncation and F1 follow LongBench's ``pred.py``,
+``config/dataset2prompt.json``, ``config/dataset2maxlen.json`` and ``metrics.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..data import hub_reachable, offline
+from ..decoding import greedy
+from ..errors import DataError
+from ..metrics import longbench_qa_f1
+from ..task import TaskContext
+from .common import kv_bytes, mean
+
+_NO_EXPLAIN = "using a single phrase if possible. Do not provide any explanation."
+_QASPER_RULES = (
+    "as concisely as you can, using a single phrase or sentence if possible. If the question cannot be "
+    "answered based on the information in the article, write \"unanswerable\". If the question is a yes/no "
+    "question, answer \"yes\", \"no\", or \"unanswerable\". Do not provide any explanation."
+)
+PROMPTS = {
+    "narrativeqa": (
+        "You are given a story, which can be either a novel or a movie script, and a question. Answer the "
+        f"question asconcisely as you can, {_NO_EXPLAIN}\n\nStory: {{context}}\n\nNow, answer the question "
+        f"based on the story asconcisely as you can, {_NO_EXPLAIN}\n\nQuestion: {{input}}\n\nAnswer:"
+    ),
+    "qasper": (
+        f"You are given a scientific article and a question. Answer the question {_QASPER_RULES}\n\n"
+        f"Article: {{context}}\n\n Answer the question based on the above article {_QASPER_RULES}\n\n"
+        "Question: {input}\n\nAnswer:"
+    ),
+    "multifieldqa_en": (
+        "Read the following text and answer briefly.\n\n{context}\n\nNow, answer the following question "
+        "based on the above text, only give me the answer and do not output any other words.\n\n"
+        "Question: {input}\nAnswer:"
+    ),
+}
+MAX_NEW = {"narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64}
+
+
+def load_samples(name: str, path: str, limit: int) -> list[dict[str, Any]]:
+    """First ``limit`` samples of a LongBench subset: ``<path>/<name>.jsonl`` or THUDM/LongBench via datasets."""
+    if path:
+        file = Path(path).expanduser() / f"{name}.jsonl"
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()][:limit]
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"--param longbench.path: cannot read {str(file)!r}: {exc}") from exc
+    else:
+        if offline() or not hub_reachable():
+            raise DataError("longbench: THUDM/LongBench is unreachable (offline); pass "
+                            "--param longbench.path=DIR holding narrativeqa.jsonl, qasper.jsonl, "
+                            "multifieldqa_en.jsonl")
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset("THUDM/LongBench", name, split="test")
+            rows = [ds[i] for i in range(min(limit, len(ds)))]
+        except Exception as exc:
+            raise DataError(f"longbench: loading THUDM/LongBench {name!r} failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    for i, row in enumerate(rows):
+        missing = [k for k in ("context", "input", "answers") if k not in row]
+        if missing:
+            raise DataError(f"longbench {name} sample {i}: missing field(s) {', '.join(missing)}")
+    return rows
+
+
+def build_prompt(tokenizer: Any, name: str, row: dict[str, Any], max_length: int, chat: bool) -> str:
+    """LongBench's prompt, truncated in the middle to ``max_length`` tokens, chat-formatted when ``chat``."""
+    prompt = PROMPTS[name].format(context=row["context"], input=row["input"])
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    if len(ids) > max_length:
+        half = max_length // 2
+        prompt = tokenizer.decode(ids[:half], skip_special_tokens=True) + \
+            tokenizer.decode(ids[-half:], skip_special_tokens=True)
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    return prompt
+
+
+class LongBenchTask:
+    """LongBench single-document QA (NarrativeQA, Qasper, MultiFieldQA-en): F1 (0-100) as LongBench scores it."""
+
+    name = "longbench"
+    primary = "f1"
+    higher_is_better = True
+    default_lengths = (1024, 2048)
+    defaults: ClassVar[dict[str, Any]] = {"subsets": ("narrativeqa", "qasper", "multifieldqa_en"), "samples": 5,
+                                "path": "", "chat": True, "max_new_tokens": 0}
+
+    def run(self, ctx: TaskContext) -> dict[str, Any]:
+        """Greedy answers to the first ``samples`` questions of each subset, prompts cut to ``length``."""
+        scores: dict[str, float] = {}
+        kv = []
+        for name in ctx.params["subsets"]:
+            if name not in PROMPTS:
+                raise DataError(f"--param longbench.subsets: got {name!r}; allowed: {', '.join(PROMPTS)}")
+            rows = load_samples(name, str(ctx.params["path"]), int(ctx.params["samples"]))
+            new = int(ctx.params["max_new_tokens"]) or MAX_NEW[name]
+            f1s = []
+            for row in rows:
+                prompt = build_prompt(ctx.tokenizer, name, row, ctx.length, bool(ctx.params["chat"]))
+                ids = ctx.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+                cache = ctx.make_cache()
+                gen = greedy(ctx.model, ids.to(ctx.device), cache, new, chunk=ctx.chunk,
+                             eos_token_id=ctx.tokenizer.eos_token_id)
+                answer = ctx.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+                f1s.append(longbench_qa_f1(answer, row["answers"]))
+                kv.append(kv_bytes(cache))
+            scores[name] = 100 * (mean(f1s) or 0.0)
+        return {"f1": mean(list(scores.values())), "by_subset": scores, "kv_bytes": max(kv) if kv else 0}

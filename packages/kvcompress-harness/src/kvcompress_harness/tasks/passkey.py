@@ -1,0 +1,50 @@
+"""``passkey``: the classic synthetic pass-key retrieval (Mohtashami & Jaggi, 2023)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..decoding import greedy
+from ..task import TaskContext
+from .common import kv_bytes, mean
+from .prompts import encode, first_number, fit_units
+
+HEAD = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+        "I will quiz you about the important information there.\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+FACT = "The pass key is {key}. Remember it. {key} is the pass key. "
+TAIL = "\nWhat is the pass key? The pass key is"
+
+
+class PasskeyTask:
+    """Pass-key retrieval in repeated filler text: accuracy over key depths 0..1."""
+
+    name = "passkey"
+    primary = "accuracy"
+    higher_is_better = True
+    default_lengths = (512, 1024, 2048)
+    defaults: ClassVar[dict[str, Any]] = {"depths": (0.0, 0.25, 0.5, 0.75, 1.0), "trials": 1, "new_tokens": 8,
+                                "chat": False}
+
+    def run(self, ctx: TaskContext) -> dict[str, Any]:
+        """Greedy answer per (depth, trial); correct when its first number is the key."""
+        rng = ctx.rng()
+        per_depth: dict[str, float] = {}
+        hits, prompt_tokens, kv = [], [], []
+        for depth in ctx.params["depths"]:
+            depth_hits = []
+            for _ in range(int(ctx.params["trials"])):
+                key = str(rng.randint(10000, 99999))
+                units = [FILLER] * (ctx.length // 4 + 8)
+                prompt = fit_units(ctx.tokenizer, HEAD, units, FACT.format(key=key), TAIL, ctx.length, depth)
+                ids = encode(ctx.tokenizer, prompt, ctx.device, chat=bool(ctx.params["chat"]))
+                cache = ctx.make_cache()
+                gen = greedy(ctx.model, ids, cache, int(ctx.params["new_tokens"]), chunk=ctx.chunk)
+                answer = ctx.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+                depth_hits.append(float(first_number(answer) == key))
+                prompt_tokens.append(ids.shape[1])
+                kv.append(kv_bytes(cache))
+            per_depth[f"{float(depth):g}"] = mean(depth_hits)
+            hits.extend(depth_hits)
+        return {"accuracy": mean(hits), "by_depth": per_depth, "trials": len(hits),
+                "prompt_tokens": mean(prompt_tokens), "kv_bytes": max(kv)}
