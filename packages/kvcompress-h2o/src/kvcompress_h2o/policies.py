@@ -1,0 +1,98 @@
+"""H2O and LRU: selection policies scored from the attention the core lets them observe.
+
+The core hands :meth:`observe` the softmax weights ``[B, H_kv, G, q, S]`` of every
+query (decode steps in the attention pass itself, prompts in chunks of queries)
+and gathers the per-slot state with the kept tokens; these policies only score.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from kvcompress import SelectionPolicy, SlotContext, param
+
+
+@dataclass
+class AttentionScored(SelectionPolicy):
+    """Base of the attention-scored policies: records which kind of compression ran.
+
+    ``evictions["prompt"]`` counts (layer) evictions right after a multi-token forward
+    (a prompt compressed once after prefill), ``evictions["decode"]`` those after a
+    one-token decode step (the cache held within budget while generating).
+    """
+
+    needs_attention: ClassVar[bool] = True
+    evictions: Counter = field(default_factory=Counter, init=False, repr=False, compare=False)
+    _multi_seen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def mode(self) -> str:
+        """``"none"``, ``"prompt"``, ``"decode"`` or ``"prompt+decode"``: which compressions ran."""
+        return "+".join(m for m in ("prompt", "decode") if self.evictions[m]) or "none"
+
+    def _note_queries(self, ctx: SlotContext, weights: torch.Tensor) -> None:
+        if weights.shape[3] > 1:  # only a prompt's first chunk has several queries: shape only, no sync
+            self._multi_seen[ctx.layer_idx] = ctx.seen
+
+    def _note_eviction(self, ctx: SlotContext) -> None:
+        self.evictions["prompt" if self._multi_seen.get(ctx.layer_idx) == ctx.seen else "decode"] += 1
+
+
+@dataclass
+class H2O(AttentionScored):
+    """Heavy-Hitter Oracle: keep the tokens with the most accumulated attention plus the most recent."""
+
+    name: ClassVar[str] = "h2o"
+    slot_states: ClassVar[dict[str, torch.dtype]] = {"acc": torch.float32}
+
+    heavy_ratio: float = param(0.5, min=0.0, max=1.0, help="share of the budget for heavy hitters")
+    recent_ratio: float = param(0.5, min=0.0, max=1.0, help="share of the budget for the most recent tokens")
+    gqa: str = param("sum", choices=("sum", "max"),
+                     help="how the query heads sharing a kv head combine their attention")
+    normalize: bool = param(False, help="divide accumulated attention by the number of queries a token has seen")
+
+    def check(self) -> None:
+        super().check()
+        if abs(self.heavy_ratio + self.recent_ratio - 1.0) > 1e-6:
+            raise ValueError(
+                f"h2o: parameters 'heavy_ratio' ({self.heavy_ratio}) and 'recent_ratio' ({self.recent_ratio}) "
+                f"sum to {self.heavy_ratio + self.recent_ratio:g}; allowed: they must sum to 1"
+            )
+
+    def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
+        self._note_queries(ctx, weights)
+        heads = weights.sum(2) if self.gqa == "sum" else weights.amax(2)  # [B, Hkv, q, S]
+        ctx.state["acc"] += heads.sum(2)
+
+    def score(self, ctx: SlotContext) -> torch.Tensor:
+        self._note_eviction(ctx)
+        acc = ctx.state["acc"]
+        if self.normalize:  # a kept token at position p has been attended by the queries p .. seen-1
+            acc = acc / (ctx.seen - ctx.positions).clamp(min=1)
+        n_recent = round(self.recent_ratio * self.target(ctx.seen))
+        return acc.masked_fill(ctx.positions >= ctx.seen - n_recent, float("inf"))
+
+
+@dataclass
+class LRU(AttentionScored):
+    """Least recently used: evict the tokens whose last attention above `threshold` is oldest."""
+
+    name: ClassVar[str] = "lru"
+    slot_states: ClassVar[dict[str, torch.dtype]] = {"last": torch.float32}
+
+    threshold: float = param(0.01, min=0.0, max=1.0, min_exclusive=True,
+                             help="attention weight at which a query counts as using a token")
+
+    def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
+        self._note_queries(ctx, weights)
+        used = (weights > self.threshold).any(2)  # [B, Hkv, q, S]: any query head of the group
+        when = query_positions.to(torch.float32).view(1, 1, -1, 1)
+        last = ctx.state["last"]
+        last.copy_(torch.maximum(last, torch.where(used, when, -1.0).amax(2)))
+
+    def score(self, ctx: SlotContext) -> torch.Tensor:
+        self._note_eviction(ctx)
+        return torch.maximum(ctx.state["last"], ctx.positions.to(torch.float32))  # arrival counts as a use
