@@ -1,0 +1,107 @@
+"""Every built-in task through the runner on a tiny random-init Llama (fast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvcompress_harness.results import read_records
+from kvcompress_harness.runner import RunConfig, run
+
+FIXTURES = Path(__file__).parent / "fixtures"
+WINDOW = "window(budget=16)"
+
+
+def _run(tiny, tmp_path, task, lengths, params=None, **kw):
+    cfg = RunConfig(policies=[WINDOW], tasks=[task], lengths=lengths, out=str(tmp_path / "r.jsonl"),
+                    device="cpu", params={task: params or {}}, data="excerpt", progress=False, **kw)
+    records = run(cfg, loaded=tiny)
+    by_policy = {r["policy"]: r for r in records}
+    for r in records:
+        assert r["status"] == "ok", r.get("traceback")
+        assert r["reference"]["metrics"] == by_policy["full"]["metrics"]
+        assert r["model"] == "tiny-llama" and r["device"] == "cpu" and r["versions"]["kvcompress"]
+    return by_policy["full"], by_policy[WINDOW]
+
+
+def test_perplexity(tiny, tmp_path):
+    full, win = _run(tiny, tmp_path, "perplexity", [64], chunk=8)
+    assert full["metrics"]["tokens_scored"] == 63 and full["metrics"]["chunk"] == 8
+    assert full["metrics"]["ppl"] > 1 and win["metrics"]["ppl"] != full["metrics"]["ppl"]
+    assert win["metrics"]["kv_bytes"] < full["metrics"]["kv_bytes"]
+    assert win["ratio_to_full"]["ppl"] == pytest.approx(win["metrics"]["ppl"] / full["metrics"]["ppl"])
+
+
+def test_agreement(tiny, tmp_path):
+    full, win = _run(tiny, tmp_path, "agreement", [48], {"prompts": 2, "new_tokens": 6}, chunk=8)
+    assert full["metrics"]["token_match"] == 1.0 and full["metrics"]["bleu"] == pytest.approx(100)
+    assert full["metrics"]["first_divergence"] == 6
+    assert 0 <= win["metrics"]["token_match"] <= 1 and 0 <= win["metrics"]["rouge_l"] <= 1
+
+
+def test_fidelity(tiny, tmp_path):
+    full, win = _run(tiny, tmp_path, "fidelity", [48], {"steps": 3}, chunk=8)
+    assert full["metrics"]["next_token_kl"] == pytest.approx(0, abs=1e-6)
+    assert full["metrics"]["attention_cosine"] == pytest.approx(1, abs=1e-5)
+    assert full["metrics"]["attention_peak_shift"] == 0
+    assert set(full["metrics"]["attention_by_layer"]) == {"0", "1"}
+    assert win["metrics"]["next_token_kl"] > 0 and win["metrics"]["attention_kl"] > 0
+    assert win["metrics"]["attention_l1"] > 0 and win["metrics"]["attention_cosine"] < 1
+
+
+def test_speed(tiny, tmp_path):
+    full, win = _run(tiny, tmp_path, "speed", [64], {"new_tokens": 5})
+    for rec in (full, win):
+        m = rec["metrics"]
+        assert m["prefill_s"] > 0 and m["decode_tokens_per_s"] > 0 and m["decode_steps"] == 4
+        assert m["peak_memory_kind"] == "rss"
+    assert win["metrics"]["kv_bytes"] < full["metrics"]["kv_bytes"]
+
+
+@pytest.mark.parametrize("task", ["passkey", "needle"])
+def test_retrieval_tasks(tiny, tmp_path, task):
+    full, win = _run(tiny, tmp_path, task, [128], {"depths": [0.0, 1.0], "trials": 2, "new_tokens": 4})
+    for rec in (full, win):
+        assert rec["metrics"]["trials"] == 4
+        assert set(rec["metrics"]["by_depth"]) == {"0", "1"}
+        assert 0 <= rec["metrics"]["accuracy"] <= 1
+
+
+def test_longbench_offline_fixture(tiny, tmp_path):
+    params = {"path": str(FIXTURES / "longbench"), "samples": 1, "max_new_tokens": 4}
+    full, _ = _run(tiny, tmp_path, "longbench", [96], params)
+    assert set(full["metrics"]["by_subset"]) == {"narrativeqa", "qasper", "multifieldqa_en"}
+    assert 0 <= full["metrics"]["f1"] <= 100
+
+
+def test_failing_cell_is_recorded_and_the_run_goes_on(tiny, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("A short text. " * 10)
+    cfg = RunConfig(policies=[WINDOW], tasks=["perplexity"], lengths=[24, 500], out=str(tmp_path / "r.jsonl"),
+                    data_file=str(short), progress=False)
+    records = run(cfg, loaded=tiny)
+    status = {(r["length"], r["policy"]): r["status"] for r in records}
+    assert status == {(24, "full"): "ok", (24, WINDOW): "ok", (500, "full"): "error", (500, WINDOW): "error"}
+    err = next(r for r in records if r["status"] == "error")
+    assert "needs more tokens than the text has" in err["error"]
+    # a rerun skips finished cells and retries the failed ones
+    again = run(cfg, loaded=tiny)
+    assert {(r["length"], r["policy"]) for r in again} == {(500, "full"), (500, WINDOW)}
+    assert len(read_records(cfg.out)) == 6
+
+
+def test_bad_parameters_are_clear(tiny, tmp_path):
+    from kvcompress_harness.errors import HarnessError
+
+    base = {"tasks": ["perplexity"], "out": str(tmp_path / "r.jsonl"), "progress": False}
+    with pytest.raises(HarnessError, match="unknown parameter; allowed: offset"):
+        run(RunConfig(policies=["full"], params={"perplexity": {"ofset": 1}}, **base), loaded=tiny)
+    with pytest.raises(HarnessError, match=r"--length: got 4096; allowed: <= 2048"):
+        run(RunConfig(policies=["full"], lengths=[4096], **base), loaded=tiny)
+    with pytest.raises(HarnessError, match="known policies: .*window"):
+        run(RunConfig(policies=["nosuch(budget=3)"], **base), loaded=tiny)
+    with pytest.raises(HarnessError, match="budget"):
+        run(RunConfig(policies=["window(budget=-1)"], **base), loaded=tiny)
+    with pytest.raises(HarnessError, match="known tasks: .*perplexity"):
+        run(RunConfig(policies=["full"], tasks=["nosuch"], out=base["out"]), loaded=tiny)
