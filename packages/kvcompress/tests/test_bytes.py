@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import greedy_logits, tiny_model
 from transformers import DynamicCache
 
 import kvcompress
-from conftest import greedy_logits, tiny_model
 
 
 def _held_tensors(obj, seen=None) -> dict[int, torch.Tensor]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import greedy_logits, tiny_model
 from transformers import DynamicCache
 
 import kvcompress
-from conftest import greedy_logits, tiny_model
 
 COVERING = ["full", "window(budget=80)", "sink(budget=80)", "random(budget=80)", "sink(ratio=1.0)",
             "window(budget=80,step=8)"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import greedy_logits, tiny_model
 
 import kvcompress
-from conftest import greedy_logits, tiny_model
 
 
 @pytest.mark.parametrize("spec,budget,step", [("window", 16, 1), ("sink", 16, 1), ("sink", 12, 5),

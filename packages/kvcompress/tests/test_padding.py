@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import kvcompress
-from conftest import tiny_model
 
 PAD = 0
 

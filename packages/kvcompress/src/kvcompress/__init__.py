@@ -19,12 +19,12 @@ from .errors import (
 )
 from .hookspecs import hookimpl, hookspec
 from .layer import CompressedLayer
+from .model import attach
 from .params import param, parameters
 from .plugins import Entry, PluginFailure, Registry, get_registry
 from .policy import Policy, Representation, SelectionPolicy, SlotContext
 from .spec import parse_spec
 from .store import DenseStore, KVStore
-from .model import attach
 
 __version__ = "0.1.0"
 

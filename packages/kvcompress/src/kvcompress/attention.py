@@ -84,7 +84,6 @@ def _weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
 def _decode_attention(query, key, value, mask, scaling):
     """One query per head: attention and its weights in a single pass over K and V."""
     b, hq, _, d = query.shape
-    hkv = key.shape[1]
     weights = _weights(query, key, mask, scaling, 0, 1)  # [B, Hkv, G, 1, S]
     out = torch.matmul(weights.to(value.dtype).squeeze(3), value)  # [B, Hkv, G, D]
     return out.reshape(b, 1, hq, d), weights
@@ -117,6 +116,8 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     if out is not None and not (observe or capturing):
         layer.finish_attention(_new_valid(attention_mask, q))
         return out, None
+    if not layer.dense_returned:  # update() handed out stand-ins: decode for real
+        key, value = layer.store.keys_values()
     if q == 1 and (observe or capturing) and out is None:
         out, weights = _decode_attention(query, key, value, attention_mask, scaling)
         chunks = [(0, 1, weights)]

@@ -68,7 +68,7 @@ class SlotBuffer:
         b, h, k = index.shape
         base = torch.arange(b * h, device=index.device).view(b, h, 1) * self.capacity
         flat = (index + base).reshape(-1)
-        for name, t in self.tensors.items():
+        for t in self.tensors.values():
             rows = t.reshape(b * h * t.shape[2], -1).index_select(0, flat)
             t[:, :, :k] = rows.view(b, h, k, *t.shape[3:])
         self.length = k

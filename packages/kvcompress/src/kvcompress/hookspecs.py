@@ -7,7 +7,7 @@ receives a ``register`` callable, in the style of ``llm``'s ``register_models``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

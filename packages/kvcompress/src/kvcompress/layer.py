@@ -37,6 +37,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store = None
         self.seen = 0
         self.returned_keys: torch.Tensor | None = None
+        self.dense_returned = True
         self.awaiting_attention = False
         self.evictions = 0
 
@@ -77,7 +78,9 @@ class CompressedLayer(CacheLayerMixin):
         self.slots.append(cap=cap, **new)
         self.store.append(key_states, value_states, cap=cap)
         self.seen += q
-        keys, values = self.store.keys_values()
+        stand_ins = None if self.selection.needs_attention else self.store.stand_ins()
+        keys, values = stand_ins if stand_ins is not None else self.store.keys_values()
+        self.dense_returned = stand_ins is None
         self.returned_keys = keys
         self.awaiting_attention = True
         current.layer = self

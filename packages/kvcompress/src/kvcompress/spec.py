@@ -36,7 +36,9 @@ def _value(raw: str, where: str) -> Any:
     except (ValueError, SyntaxError):
         if _NAME.match(raw):
             return raw
-        raise ValueError(f"spec {where}: cannot read value {raw!r}; use a number, true/false, none or a word")
+        raise ValueError(
+            f"spec {where}: cannot read value {raw!r}; use a number, true/false, none or a word"
+        ) from None
 
 
 def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:

@@ -45,8 +45,16 @@ class KVStore(ABC):
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the store holds (for byte accounting)."""
 
-    def shrink(self, capacity: int) -> None:
+    def shrink(self, capacity: int) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release memory beyond ``capacity`` slots, if the store preallocates."""
+
+    def stand_ins(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cheap ``[B, H, length, D]`` placeholders for ``update()`` to return when :meth:`attend` will
+        take this step (a fused kernel), or ``None`` (default) to return :meth:`keys_values`.
+
+        The core asks ``keys_values()`` again if the dense tensors turn out to be needed.
+        """
+        return None
 
     def attend(
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
