@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=16, help="tokens per forward; keep equal to the spec's step")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 copes best with a shared CPU)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
