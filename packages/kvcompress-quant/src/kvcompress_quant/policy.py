@@ -1,0 +1,43 @@
+"""The ``quant`` representation policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvcompress import Representation, param
+
+from .store import QuantStore
+
+
+@dataclass
+class Quant(Representation):
+    """KIVI-style KV quantization: fp sink + recent window, older tokens packed int8/int4/int2."""
+
+    name: ClassVar[str] = "quant"
+
+    bits: int = param(4, choices=(8, 4, 2), help="bits per stored code (packed 1, 2 or 4 per byte)")
+    group_size: int = param(64, min=1, help="elements sharing one scale and zero point")
+    sink: int = param(4, min=0, help="first tokens kept in the model's dtype")
+    window: int = param(128, min=0, help="most recent tokens kept in the model's dtype")
+    key_axis: str = param("channel", choices=("channel", "token"),
+                          help="keys quantized per channel (groups of tokens) or per token")
+    value_axis: str = param("token", choices=("token", "channel"),
+                            help="values quantized per token (groups of channels) or per channel")
+    kernel: str = param("auto", choices=("auto", "triton", "torch"),
+                        help="decode attention: fused Triton kernel on GPU, or dequantize (torch)")
+
+    def check(self) -> None:
+        if self.kernel == "triton":
+            from . import kernels
+
+            if not kernels.AVAILABLE:
+                raise ValueError(
+                    f"quant: parameter 'kernel' is 'triton' but Triton cannot be used here "
+                    f"({kernels.UNAVAILABLE_REASON}); allowed: 'auto' or 'torch', or install "
+                    "'kvcompress-quant[gpu]'"
+                )
+
+    def make_store(self, layer_idx: int) -> QuantStore:
+        return QuantStore(self.bits, self.group_size, self.sink, self.window, self.key_axis,
+                          self.value_axis, self.kernel)

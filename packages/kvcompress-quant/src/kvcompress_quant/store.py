@@ -1,0 +1,300 @@
+"""``QuantStore``: one layer's keys/values as fp sink + packed quantized middle + fp recent window."""
+
+from __future__ import annotations
+
+import torch
+
+from kvcompress import KVStore
+
+from . import codec
+
+
+def _round_up(n: int, g: int) -> int:
+    return -(-n // g) * g
+
+
+class QuantStore(KVStore):
+    """Slots ``[0, s)`` are the sink (model dtype), ``[s, s+m)`` the quantized middle (``m`` a multiple
+    of ``group``), ``[s+m, s+m+w)`` the recent tail (model dtype, ``w < window + group``).
+
+    Full-precision tokens live in one buffer ``fk``/``fv`` of ``sink + window + group`` slots: the sink
+    at ``[0, s)``, the tail at ``[sink, sink + w)``. Once the tail reaches ``window + group`` tokens its
+    oldest whole groups are quantized in one go, so quantization runs once per ``group`` decoded tokens.
+    """
+
+    def __init__(self, bits: int, group: int, sink: int, window: int, key_axis: str, value_axis: str,
+                 kernel: str = "auto") -> None:
+        self.bits, self.group, self.sink, self.window = bits, group, sink, window
+        self.key_axis, self.value_axis, self.kernel = key_axis, value_axis, kernel
+        self.s = self.m = self.w = 0
+        self.fk: torch.Tensor | None = None
+        self.fv: torch.Tensor | None = None
+        self.ck = self.cv = self.ks = self.kz = self.vs = self.vz = None
+        self.cap_m = 0
+        self.cap_hint: int | None = None
+        self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_q = 0
+        self._stand_in: torch.Tensor | None = None
+
+    # -- layout helpers --------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return self.s + self.m + self.w
+
+    def _rows(self, axis: str, tokens: int) -> int:
+        return tokens if axis == "token" else tokens // self.group
+
+    def _g(self, axis: str) -> int:
+        """Group size along ``axis``'s grouped dimension (channels for "token", tokens for "channel")."""
+        return self.cgroup if axis == "token" else self.group
+
+    def _init(self, keys: torch.Tensor) -> None:
+        b, h, _, d = keys.shape
+        p = codec.parts(self.bits)
+        if d % self.group and self.group % d and "token" in (self.key_axis, self.value_axis):
+            allowed = [g for g in range(1, d + 1) if d % g == 0]
+            raise ValueError(
+                f"quant: parameter 'group_size' is {self.group}, which does not divide head_dim {d}; "
+                f"allowed: a divisor of {d} ({', '.join(map(str, allowed))}) or a multiple of {d}"
+            )
+        self.cgroup = min(self.group, d)  # channels per group on the token axis (at most one row)
+        if d % p:
+            raise ValueError(f"quant: parameter 'bits' is {self.bits}: head_dim {d} must be a multiple of "
+                             f"{p} to pack {p} codes per byte; allowed: bits=8")
+        self.b, self.h, self.d, self.dtype, self.device = b, h, d, keys.dtype, keys.device
+        cap_f = self.sink + self.window + self.group
+        self.fk = keys.new_empty((b, h, cap_f, d))
+        self.fv = keys.new_empty((b, h, cap_f, d))
+        self._alloc_mid(0)
+
+    def _alloc_mid(self, cap: int) -> None:
+        """(Re)allocate the quantized middle with ``cap`` token slots, keeping the first ``m``."""
+        b, h, d, g = self.b, self.h, self.d, self.group
+        dp = d // codec.parts(self.bits)
+        new = {
+            "ck": torch.empty((b, h, cap, dp), dtype=torch.uint8, device=self.device),
+            "cv": torch.empty((b, h, cap, dp), dtype=torch.uint8, device=self.device),
+        }
+        for name, axis in (("k", self.key_axis), ("v", self.value_axis)):
+            shape = (b, h, cap, d // self.cgroup) if axis == "token" else (b, h, cap // g, d)
+            new[name + "s"] = torch.empty(shape, dtype=codec.SCALE_DTYPE, device=self.device)
+            new[name + "z"] = torch.empty(shape, dtype=codec.SCALE_DTYPE, device=self.device)
+        if self.m and self.ck is not None:
+            for name, t in new.items():
+                axis = self.key_axis if name[0] == "k" else self.value_axis
+                rows = self.m if name[0] == "c" else self._rows(axis, self.m)
+                t[:, :, :rows] = getattr(self, name)[:, :, :rows]
+        for name, t in new.items():
+            setattr(self, name, t)
+        self.cap_m = cap
+
+    def _reserve_mid(self, needed: int) -> None:
+        if needed <= self.cap_m:
+            return
+        grow = max(needed, self.cap_m + self.cap_m // 4)
+        if self.cap_hint is not None:
+            bound = max(self.cap_hint - self.sink - self.window, needed)
+            grow = min(grow, bound)
+        self._alloc_mid(_round_up(grow, self.group))
+
+    def _mid_append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize ``[B, H, n, D]`` (``n`` a multiple of ``group``) onto the end of the middle."""
+        n = keys.shape[2]
+        self._reserve_mid(self.m + n)
+        a, e = self.m, self.m + n
+        for x, c, sname, zname, axis in ((keys, self.ck, "ks", "kz", self.key_axis),
+                                         (values, self.cv, "vs", "vz", self.value_axis)):
+            packed, scale, zero = codec.quantize(x, self.bits, axis, self._g(axis))
+            c[:, :, a:e] = packed
+            ra, re = self._rows(axis, a), self._rows(axis, e)
+            getattr(self, sname)[:, :, ra:re] = scale
+            getattr(self, zname)[:, :, ra:re] = zero
+        self.m = e
+
+    # -- KVStore ---------------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor, cap: int | None = None) -> None:
+        if self.fk is None:
+            self._init(keys)
+        self.cap_hint = cap
+        q = keys.shape[2]
+        self._last_q = q
+        self._fresh = (keys, values) if q > 1 else None
+        if self.s < self.sink:
+            take = min(self.sink - self.s, q)
+            self.fk[:, :, self.s : self.s + take] = keys[:, :, :take]
+            self.fv[:, :, self.s : self.s + take] = values[:, :, :take]
+            self.s += take
+            if take == q:
+                return
+            keys, values, q = keys[:, :, take:], values[:, :, take:], q - take
+        t0, w = self.sink, self.w
+        total = w + q
+        if total < self.window + self.group:
+            self.fk[:, :, t0 + w : t0 + total] = keys
+            self.fv[:, :, t0 + w : t0 + total] = values
+            self.w = total
+            return
+        nq = (total - self.window) // self.group * self.group
+        if w:
+            all_k = torch.cat((self.fk[:, :, t0 : t0 + w], keys), dim=2)
+            all_v = torch.cat((self.fv[:, :, t0 : t0 + w], values), dim=2)
+        else:
+            all_k, all_v = keys, values
+        self._mid_append(all_k[:, :, :nq], all_v[:, :, :nq])
+        rest = total - nq
+        self.fk[:, :, t0 : t0 + rest] = all_k[:, :, nq:]
+        self.fv[:, :, t0 : t0 + rest] = all_v[:, :, nq:]
+        self.w = rest
+
+    def _dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored slot decoded, ``[B, H, length, D]`` of ``dtype``."""
+        n, s, m = self.length, self.s, self.m
+        out = []
+        for f, c, sc, zr, axis in ((self.fk, self.ck, self.ks, self.kz, self.key_axis),
+                                   (self.fv, self.cv, self.vs, self.vz, self.value_axis)):
+            x = torch.empty((self.b, self.h, n, self.d), dtype=dtype, device=self.device)
+            x[:, :, :s] = f[:, :, :s]
+            if m:
+                rows = self._rows(axis, m)
+                codec.dequantize_into(x[:, :, s : s + m], c[:, :, :m], sc[:, :, :rows], zr[:, :, :rows],
+                                      self.bits, axis, self._g(axis))
+            x[:, :, s + m :] = f[:, :, self.sink : self.sink + self.w]
+            out.append(x)
+        return out[0], out[1]
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fk is None:
+            raise RuntimeError("QuantStore.keys_values() before the first append")
+        keys, values = self._dense(self.dtype)
+        if self._fresh is not None:  # the tokens just appended attend in full precision this once
+            fk, fv = self._fresh
+            q = fk.shape[2]
+            keys[:, :, -q:] = fk
+            values[:, :, -q:] = fv
+        return keys, values
+
+    def stand_ins(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Zero-byte ``[B, H, length, D]`` placeholders when :meth:`attend` will take this decode step."""
+        if self._last_q != 1 or not self._fused_enabled():
+            return None
+        if self._stand_in is None:
+            self._stand_in = torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device)
+        t = self._stand_in.expand(self.b, self.h, self.length, self.d)
+        return t, t
+
+    def _fused_enabled(self) -> bool:
+        if self.kernel == "torch" or self.device.type != "cuda":
+            return False
+        from . import kernels
+
+        return kernels.AVAILABLE
+
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+               ) -> torch.Tensor | None:
+        self._fresh = None  # update() has already handed the model its full-precision copy
+        if query.shape[2] != 1 or not self._fused_enabled():
+            return None
+        from . import kernels
+
+        return kernels.decode_attention(self, query, attention_mask, scaling)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep slots ``index`` ``[B, H, K]``: decode, gather, and re-split into sink / middle / tail.
+
+        A token that stays in the middle keeps its codes and scales exactly (per-token axis), and so does
+        a whole group that stays together (per-channel axis); only groups broken by the eviction are
+        quantized again, from their decoded values. Sink and tail tokens stay bit-exact.
+        """
+        self._fresh = None
+        b, h, k = index.shape
+        d, g = self.d, self.group
+        index = index.to(self.device, torch.long)
+        keys, values = self._dense(torch.float32)
+        gi = index.unsqueeze(-1).expand(b, h, k, d)
+        gk, gv = keys.gather(2, gi), values.gather(2, gi)
+        del keys, values
+        s_new = min(self.sink, k)
+        m_new = max(0, k - s_new - self.window) // g * g
+        w_new = k - s_new - m_new
+        # where each new middle slot came from in the old middle
+        src = index[:, :, s_new : s_new + m_new] - self.s
+        from_mid = (src >= 0) & (src < self.m)
+        old = (self.ck, self.cv, self.ks, self.kz, self.vs, self.vz, self.m)
+        self.s, self.m, self.w = s_new, 0, 0
+        cap = m_new
+        if self.cap_hint is not None:
+            cap = max(cap, _round_up(max(self.cap_hint - self.sink - self.window, 0), g))
+        self.ck = None
+        self._alloc_mid(cap)
+        if m_new:
+            self._mid_append(gk[:, :, s_new : s_new + m_new], gv[:, :, s_new : s_new + m_new])
+            if old[6]:
+                self._restore_exact(src, from_mid, old)
+        self.fk[:, :, :s_new] = gk[:, :, :s_new]
+        self.fv[:, :, :s_new] = gv[:, :, :s_new]
+        self.fk[:, :, self.sink : self.sink + w_new] = gk[:, :, s_new + m_new :]
+        self.fv[:, :, self.sink : self.sink + w_new] = gv[:, :, s_new + m_new :]
+        self.w = w_new
+
+    def _restore_exact(self, src: torch.Tensor, from_mid: torch.Tensor, old: tuple) -> None:
+        """Put back the original codes of middle tokens (or whole groups) that the eviction left intact."""
+        ck, cv, ks, kz, vs, vz, m_old = old
+        g, m = self.group, self.m
+        srcc = src.clamp(0, m_old - 1)
+        grp_src = srcc.unflatten(-1, (m // g, g))
+        grp_ok = (from_mid.unflatten(-1, (m // g, g)).all(-1) & (grp_src[..., 0] % g == 0)
+                  & (grp_src[..., -1] - grp_src[..., 0] == g - 1))  # [B, H, m/g]
+        for axis, c_old, s_old, z_old, c_new, s_new, z_new in (
+            (self.key_axis, ck, ks, kz, self.ck, self.ks, self.kz),
+            (self.value_axis, cv, vs, vz, self.cv, self.vs, self.vz),
+        ):
+            tok_ok = from_mid if axis == "token" else grp_ok.repeat_interleave(g, dim=-1)
+            rows = c_old[:, :, :m_old].gather(2, srcc.unsqueeze(-1).expand(-1, -1, -1, c_old.shape[-1]))
+            c_new[:, :, :m] = torch.where(tok_ok.unsqueeze(-1), rows, c_new[:, :, :m])
+            if axis == "token":
+                sel, ok = srcc, from_mid
+            else:
+                sel, ok = grp_src[..., 0] // g, grp_ok
+            for t_old, t_new in ((s_old, s_new), (z_old, z_new)):
+                r = t_old.gather(2, sel.unsqueeze(-1).expand(-1, -1, -1, t_old.shape[-1]))
+                n = sel.shape[-1]
+                t_new[:, :, :n] = torch.where(ok.unsqueeze(-1), r, t_new[:, :, :n])
+
+    def truncate(self, n: int) -> None:
+        self._fresh = None
+        if n <= self.w:
+            self.w -= n
+            return
+        n -= self.w
+        self.w = 0
+        if n <= self.m:
+            keep_m = self.m - n
+            g0 = keep_m // self.group * self.group
+            if keep_m > g0:  # a partial group goes back to full precision in the tail
+                keys, values = self._dense(self.dtype)
+                a, e = self.s + g0, self.s + keep_m
+                self.fk[:, :, self.sink : self.sink + keep_m - g0] = keys[:, :, a:e]
+                self.fv[:, :, self.sink : self.sink + keep_m - g0] = values[:, :, a:e]
+            self.m, self.w = g0, keep_m - g0
+            return
+        n -= self.m
+        self.m = 0
+        self.s -= n
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        for name in ("fk", "fv", "ck", "cv", "ks", "kz", "vs", "vz"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+        if self.fk is not None:
+            self.b = self.fk.shape[0]
+        self._fresh = None
+
+    def shrink(self, capacity: int) -> None:
+        target = _round_up(max(self.m, capacity - self.sink - self.window, 0), self.group)
+        if self.fk is not None and self.cap_m > target:
+            self._alloc_mid(target)
+
+    def tensors(self) -> list[torch.Tensor]:
+        names = ("fk", "fv", "ck", "cv", "ks", "kz", "vs", "vz")
+        return [t for t in (getattr(self, n) for n in names) if t is not None]

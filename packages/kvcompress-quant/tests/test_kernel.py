@@ -1,0 +1,67 @@
+"""The fused Triton decode kernel against dequantize-then-sdpa (GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcompress_quant import QuantStore, kernels
+
+pytestmark = pytest.mark.skipif(
+    not (kernels.AVAILABLE and torch.cuda.is_available()),
+    reason="the fused decode kernel needs Triton and a CUDA GPU "
+    + ("(no CUDA device here)" if kernels.AVAILABLE else f"({kernels.UNAVAILABLE_REASON})"),
+)
+
+
+def _store(bits, key_axis, value_axis, b=2, h=4, d=128, n=3000, dtype=torch.bfloat16, group=64):
+    store = QuantStore(bits, group, sink=4, window=128, key_axis=key_axis, value_axis=value_axis)
+    g = torch.Generator(device="cuda").manual_seed(bits)
+    for q in (n - 70, 1, 1, 68):
+        k = torch.randn(b, h, q, d, device="cuda", generator=g, dtype=dtype)
+        k[..., 7] *= 8  # an outlier channel
+        store.append(k, torch.randn(b, h, q, d, device="cuda", generator=g, dtype=dtype))
+    store._fresh = None
+    return store
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("axes", [("channel", "token"), ("token", "token"), ("token", "channel")])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_kernel_matches_dequantize_then_sdpa(bits, axes, mask_kind):
+    store = _store(bits, *axes)
+    b, n = store.b, store.length
+    query = torch.randn(b, 16, 1, 128, device="cuda", dtype=torch.bfloat16)
+    mask = None
+    if mask_kind:
+        valid = torch.ones(b, n, dtype=torch.bool, device="cuda")
+        valid[1, :1000] = False  # left padding of row 1
+        valid[0, 2500] = False
+        mask = valid[:, None, None, :]
+        if mask_kind == "float":
+            mask = torch.zeros(mask.shape, dtype=torch.bfloat16, device="cuda").masked_fill(
+                ~mask, torch.finfo(torch.bfloat16).min)
+    out = kernels.decode_attention(store, query, mask, 128**-0.5)
+    ref = kernels.reference_attention(store, query, mask, 128**-0.5)
+    assert out.shape == (b, 1, 16, 128)
+    assert torch.isfinite(out).all()
+    rel = float((out.float() - ref.float()).norm() / ref.float().norm())
+    assert rel < 1e-2, rel
+
+
+def test_kernel_inside_a_model_matches_torch_path():
+    from conftest import tiny_model
+
+    import kvcompress
+
+    model = tiny_model(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    model = model.cuda().to(torch.bfloat16)
+    ids = torch.randint(1, 96, (2, 300), device="cuda")
+    logits = []
+    for kernel in ("triton", "torch"):
+        cache = kvcompress.make_cache(f"quant(bits=4,kernel={kernel})", model=model)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        logits.append(torch.stack(out.logits).float())
+    rel = float((logits[0] - logits[1]).norm() / logits[1].norm())
+    assert rel < 2e-2, rel
