@@ -67,15 +67,11 @@ class CompressedLayer(CacheLayerMixin):
                 "kvcompress.attach(model)"
             )
         b, h, q, _ = key_states.shape
-        positions = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
-        new = {
-            "positions": positions.view(1, 1, q).expand(b, h, q),
-            "valid": torch.ones((1, 1, 1), dtype=torch.bool, device=key_states.device).expand(b, h, q),
-        }
-        for name, dtype in self.selection.slot_states.items():
-            new[name] = torch.zeros((1, 1, 1), dtype=dtype, device=key_states.device).expand(b, h, q)
         cap = self._capacity()
-        self.slots.append(cap=cap, **new)
+        if self.slots.tensors and self.slots.length + q <= self.slots.capacity:
+            self.slots.length += q  # positions, validity and state of free slots are pre-filled
+        else:
+            self._append_slots(b, h, q, key_states.device, cap)
         self.store.append(key_states, value_states, cap=cap)
         self.seen += q
         stand_ins = None if self.selection.needs_attention else self.store.stand_ins()
@@ -85,6 +81,29 @@ class CompressedLayer(CacheLayerMixin):
         self.awaiting_attention = True
         current.layer = self
         return keys, values
+
+    def _append_slots(self, b: int, h: int, q: int, device: torch.device, cap: int | None) -> None:
+        positions = torch.arange(self.seen, self.seen + q, device=device, dtype=torch.int32)
+        new = {
+            "positions": positions.view(1, 1, q).expand(b, h, q),
+            "valid": torch.ones((1, 1, 1), dtype=torch.bool, device=device).expand(b, h, q),
+        }
+        for name, dtype in self.selection.slot_states.items():
+            new[name] = torch.zeros((1, 1, 1), dtype=dtype, device=device).expand(b, h, q)
+        self.slots.append(cap=cap, **new)
+        self._prefill_free_slots(self.seen + q)
+
+    def _prefill_free_slots(self, next_position: int) -> None:
+        """Write the slot table of the not-yet-used slots once, so a decode step writes only K and V."""
+        n, cap = self.slots.length, self.slots.capacity
+        if n == cap:
+            return
+        t = self.slots.tensors
+        t["positions"][:, :, n:] = torch.arange(next_position, next_position + cap - n,
+                                                device=t["positions"].device, dtype=torch.int32)
+        t["valid"][:, :, n:] = True
+        for name in self.selection.slot_states:
+            t[name][:, :, n:] = 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         stored = self.slots.length
@@ -180,6 +199,7 @@ class CompressedLayer(CacheLayerMixin):
         if cap is not None:
             self.slots.shrink(cap)
             self.store.shrink(cap)
+        self._prefill_free_slots(self.seen)
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds: stored K/V (however represented) and per-slot state."""
