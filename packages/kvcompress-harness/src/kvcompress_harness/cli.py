@@ -48,6 +48,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the grid; print where the results went."""
     from .runner import RunConfig, run
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise HarnessError(f"--threads: got {args.threads}; allowed: an integer >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = RunConfig(policies=args.policy or [], tasks=args.task or [], model=args.model, lengths=args.length,
                        out=args.out, device=args.device, dtype=args.dtype, chunk=args.chunk, seed=args.seed,
                        profile=args.profile, params=parse_params(args.param or []), data=args.data,
@@ -92,14 +98,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default="auto", help="auto (WikiText-2, else shipped excerpt), wikitext, excerpt")
     r.add_argument("--data-file", default=None, help="local UTF-8 text file to use instead")
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     r.add_argument("--profile", action="store_true", help="write a torch.profiler trace per cell")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     r.set_defaults(fn=cmd_run)
     rep = sub.add_parser("report", help="markdown table and PNG plots from a results file")
     rep.add_argument("results", help="results .jsonl file")
     rep.add_argument("--out-dir", default=None, help="where to write (default: beside the results)")
-    rep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     rep.set_defaults(fn=cmd_report)
     return p
 
