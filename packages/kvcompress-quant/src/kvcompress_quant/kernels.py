@@ -27,7 +27,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     UNAVAILABLE_REASON = f"the 'triton' package is not installed ({exc})"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_N = 64
+BLOCK_N = 64  # tokens per tile
+NUM_WARPS = 4
+SPLIT_MIN = 256  # fewest tokens per split of the middle
 LOG2E = 1.4426950408889634
 
 if AVAILABLE:
@@ -65,7 +67,7 @@ if AVAILABLE:
             bias = tl.zeros(slot.shape, tl.float32)
         return valid, bias
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["s_len", "m_len", "w_len", "split_tokens", "n_mid_splits"])
     def _split_kernel(
         Q, FK, FV, CK, CV, KS, KZ, VS, VZ, M, PM, PL, PA,
         s_len, m_len, w_len, sink_cap, split_tokens, n_mid_splits, qk_scale,
@@ -162,7 +164,7 @@ def _splits(store, batch_heads: int, sms: int) -> tuple[int, int]:
     if m == 0:
         return 0, BLOCK_N
     want = max(1, _cdiv(4 * sms, batch_heads))
-    ns = max(1, min(want, _cdiv(m, 256)))
+    ns = max(1, min(want, _cdiv(m, SPLIT_MIN)))
     per = _cdiv(_cdiv(m, ns), BLOCK_N) * BLOCK_N
     return _cdiv(m, per), per
 
@@ -220,20 +222,23 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
         HKV=hkv, GQA=gqa, BLOCK_H=max(16, triton.next_power_of_2(gqa)), D=d, BITS=store.bits,
         GT=store.group, GC=store.cgroup, K_TOKEN=store.key_axis == "token",
         V_TOKEN=store.value_axis == "token",
-        MASK_KIND=mask_kind, BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, num_warps=4,
+        MASK_KIND=mask_kind, BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, num_warps=NUM_WARPS,
     )
     _merge_kernel[(b * hq,)](pm, pl, pa, out, ns, D=d, NS_P2=max(2, triton.next_power_of_2(ns)))
     return out
 
 
-def reference_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
-                        ) -> torch.Tensor:
-    """Dequantize-then-sdpa, ``[B, 1, Hq, D]``: what the kernel must match."""
-    keys, values = store._dense(query.dtype)
+def reference_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize-then-sdpa in ``dtype`` (float32: the exact function), ``[B, 1, Hq, D]``."""
+    query = query.to(dtype)
+    keys, values = store._dense(dtype)
     g = query.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
     mask = attention_mask
     if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, -math.inf)
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
+    elif mask is not None:
+        mask = mask.to(dtype)
     out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2)
