@@ -40,7 +40,10 @@ if AVAILABLE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale + bias[None, :]
+        if len(bias.shape) == 1:
+            s = s * qk_scale + bias[None, :]
+        else:
+            s = s * qk_scale + bias
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -76,7 +79,7 @@ if AVAILABLE:
         HKV: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         GT: tl.constexpr, GC: tl.constexpr, K_TOKEN: tl.constexpr, V_TOKEN: tl.constexpr,
         MASK_KIND: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, FAST: tl.constexpr,
     ):
         split = tl.program_id(0)
         bh = tl.program_id(1)
@@ -92,7 +95,62 @@ if AVAILABLE:
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
-        if split < n_mid_splits:
+        if split < n_mid_splits and FAST:
+            # keys per channel, values per token: read [BLOCK_N, D/P] packed bytes contiguously, unpack the
+            # P parts and interleave them (channel order perm(f)); key scales fold into the query.
+            DPF: tl.constexpr = D * BITS // 8
+            LEV: tl.constexpr = (1 << BITS) - 1
+            P: tl.constexpr = 8 // BITS
+            NG: tl.constexpr = D // GC
+            offs_b = tl.arange(0, DPF)
+            if P == 1:
+                perm = offs_d
+            elif P == 2:
+                perm = (offs_d % 2) * DPF + offs_d // 2
+            else:
+                perm = (2 * (offs_d % 2) + (offs_d // 2) % 2) * DPF + offs_d // 4
+            gf = perm // GC
+            qp = tl.load(Q + b * stride_qb + (h * GQA + offs_h)[:, None] * stride_qh + perm[None, :],
+                         mask=hmask[:, None], other=0.0).to(tl.float32)
+            start = split * split_tokens
+            cbase = b * stride_cb + h * stride_ch
+            for n0 in range(0, split_tokens, BLOCK_N):
+                tok = start + n0 + offs_n
+                valid = tok < m_len
+                cptr = cbase + tok[:, None] * stride_ct + offs_b[None, :]
+                kb = tl.load(CK + cptr, mask=valid[:, None], other=0)
+                vb = tl.load(CV + cptr, mask=valid[:, None], other=0)
+                if P == 1:
+                    kc = kb
+                    vc = vb
+                elif P == 2:
+                    kc = tl.reshape(tl.join(kb & LEV, kb >> BITS), [BLOCK_N, D])
+                    vc = tl.reshape(tl.join(vb & LEV, vb >> BITS), [BLOCK_N, D])
+                else:
+                    kc = tl.reshape(tl.join(tl.join(kb & LEV, (kb >> BITS) & LEV),
+                                            tl.join((kb >> 2 * BITS) & LEV, kb >> 3 * BITS)), [BLOCK_N, D])
+                    vc = tl.reshape(tl.join(tl.join(vb & LEV, (vb >> BITS) & LEV),
+                                            tl.join((vb >> 2 * BITS) & LEV, vb >> 3 * BITS)), [BLOCK_N, D])
+                g0 = (start + n0) // GT
+                krow = b * stride_ksb + h * stride_ksh + g0 * stride_kst + perm
+                ks = tl.load(KS + krow).to(tl.float32)
+                kz = tl.load(KZ + krow).to(tl.float32)
+                qs = (qp * ks[None, :]).to(q.dtype)
+                qz = tl.sum(qp * kz[None, :], 1)
+                vrow = b * stride_vsb + h * stride_vsh + tok * stride_vst
+                vs = tl.zeros([BLOCK_N, D], tl.float32)
+                vz = tl.zeros([BLOCK_N, D], tl.float32)
+                for g in tl.static_range(NG):
+                    sg = tl.load(VS + vrow + g, mask=valid, other=0.0).to(tl.float32)
+                    zg = tl.load(VZ + vrow + g, mask=valid, other=0.0).to(tl.float32)
+                    vs = tl.where(gf[None, :] == g, sg[:, None], vs)
+                    vz = tl.where(gf[None, :] == g, zg[:, None], vz)
+                v = (vc.to(tl.float32) * vs + vz).to(q.dtype)
+                valid, bias = _mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
+                bias = bias + qz[:, None] * qk_scale  # [BLOCK_H, BLOCK_N] via broadcast
+                m_i, l_i, acc = _online(qs, kc.to(q.dtype), v, valid, bias, m_i, l_i, acc, qk_scale, DOT_F32)
+            offs_out = perm
+        elif split < n_mid_splits:
             DP: tl.constexpr = D * BITS // 8
             LEVELS: tl.constexpr = (1 << BITS) - 1
             byte = offs_d % DP
@@ -123,6 +181,7 @@ if AVAILABLE:
                 v = (vc.to(tl.float32) * vs + vz).to(q.dtype)
                 valid, bias = _mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
                 m_i, l_i, acc = _online(q, k, v, valid, bias, m_i, l_i, acc, qk_scale, DOT_F32)
+            offs_out = offs_d
         else:
             total = sink_cap + w_len
             fbase = b * stride_fb + h * stride_fh
@@ -135,10 +194,11 @@ if AVAILABLE:
                 v = tl.load(FV + fptr, mask=valid[:, None], other=0.0)
                 valid, bias = _mask_bias(M, b, slot, valid, stride_mb, stride_ms, MASK_KIND)
                 m_i, l_i, acc = _online(q, k, v, valid, bias, m_i, l_i, acc, qk_scale, DOT_F32)
+            offs_out = offs_d
         row = (b * HKV * GQA + h * GQA + offs_h) * ns + split
         tl.store(PM + row, m_i, mask=hmask)
         tl.store(PL + row, l_i, mask=hmask)
-        tl.store(PA + row[:, None] * D + offs_d[None, :], acc, mask=hmask[:, None])
+        tl.store(PA + row[:, None] * D + offs_out[None, :], acc, mask=hmask[:, None])
 
     @triton.jit
     def _merge_kernel(PM, PL, PA, Out, ns, D: tl.constexpr, NS_P2: tl.constexpr):
@@ -171,6 +231,14 @@ def _splits(store, batch_heads: int, sms: int) -> tuple[int, int]:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+FAST = True  # the folded path for keys per channel + values per token
+
+
+def _fast_ok(store) -> bool:
+    return (store.key_axis == "channel" and store.value_axis == "token" and store.group % BLOCK_N == 0
+            and store.d % store.cgroup == 0)
 
 
 _SMS: dict = {}
@@ -223,6 +291,7 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
         GT=store.group, GC=store.cgroup, K_TOKEN=store.key_axis == "token",
         V_TOKEN=store.value_axis == "token",
         MASK_KIND=mask_kind, BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, num_warps=NUM_WARPS,
+        FAST=FAST and _fast_ok(store),
     )
     _merge_kernel[(b * hq,)](pm, pl, pa, out, ns, D=d, NS_P2=max(2, triton.next_power_of_2(ns)))
     return out
