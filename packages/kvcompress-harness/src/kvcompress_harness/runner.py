@@ -156,9 +156,10 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, 
         raise HarnessError(f"--chunk: got {config.chunk}; allowed: an integer >= 1")
     config.policies = [canonical_spec(s) for s in config.policies]
     tasks = resolve_tasks(config.tasks)
-    unknown = set(config.params) - set(tasks)
+    unknown = set(config.params) - set(_registry().tasks)
     if unknown:
-        raise HarnessError(f"--param: task(s) {', '.join(sorted(unknown))} not in this run's --task list")
+        raise HarnessError(f"--param: unknown task(s) {', '.join(sorted(unknown))}; "
+                           f"known tasks: {', '.join(sorted(_registry().tasks))}")
     params = {name: resolve_params(entry.obj, config.params.get(name, {})) for name, entry in tasks.items()}
     text = load_text(config.data, config.data_file)
     loaded = loaded or load_model(config.model, config.device, config.dtype)
