@@ -1,0 +1,33 @@
+"""Retrieval prompts: fit the length, hold the fact at the asked depth."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcompress_harness.errors import HarnessError
+from kvcompress_harness.tasks import passkey
+from kvcompress_harness.tasks.prompts import fit_units, n_tokens
+
+
+@settings(max_examples=25, deadline=None)
+@given(length=st.integers(100, 700), depth=st.floats(0.0, 1.0))
+def test_prompt_fits_and_places_the_fact(smol, length, depth):
+    tok = smol.tokenizer
+    fact = passkey.FACT.format(key="12345")
+    units = [passkey.FILLER] * 200
+    prompt = fit_units(tok, passkey.HEAD, units, fact, passkey.TAIL, length, depth)
+    size = n_tokens(tok, prompt)
+    assert length - 2 * n_tokens(tok, passkey.FILLER) <= size <= length + 2
+    body = prompt[len(passkey.HEAD):-len(passkey.TAIL)]
+    before = body.index(fact)
+    share = body[:before].count(passkey.FILLER) / (body.count(passkey.FILLER))
+    assert abs(share - depth) <= 1 / body.count(passkey.FILLER) + 1e-9
+
+
+def test_prompt_errors(smol):
+    with pytest.raises(HarnessError, match="depth: got 1.5; allowed: 0 <= depth <= 1"):
+        fit_units(smol.tokenizer, "h", ["u "], "f", "t", 100, 1.5)
+    with pytest.raises(HarnessError, match="too short"):
+        fit_units(smol.tokenizer, passkey.HEAD, [passkey.FILLER], "fact", passkey.TAIL, 10, 0.5)
