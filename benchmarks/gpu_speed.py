@@ -79,7 +79,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
     parser.add_argument("--policy", action="append", default=[])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cudnn-sdpa", action="store_true",
+                        help="leave PyTorch's cuDNN attention on (it rebuilds a graph for every new KV length: "
+                             "~20 ms per call on torch 2.11, which makes a growing cache look very slow)")
     args = parser.parse_args()
+    if not args.cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_model(args.layers)
     rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, random-init Llama-3-8B "

@@ -52,5 +52,6 @@ def test_window_holds_fewer_bytes_than_full():
     greedy_logits(model, ids, window, steps=2)
     # K+V: 2 layers x 2 heads x 16 dims x 4 bytes x 2 -> 512 bytes per token in full
     assert kvcompress.kv_bytes(full) == 122 * 512
-    # window: at most budget+step slots of K/V plus 5 bytes (int32 position + bool validity) per slot-head
-    assert kvcompress.kv_bytes(window) <= 20 * (512 + 2 * 2 * 5)
+    # window: at most budget+step slots of K/V plus 5 bytes (int32 position + bool validity) per slot-head,
+    # plus the cached int64 keep-index of the budget per layer
+    assert kvcompress.kv_bytes(window) <= 20 * (512 + 2 * 2 * 5) + 2 * 16 * 8

@@ -110,6 +110,7 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
                                                                query.shape[2]), pos)
         return out
     current.layer = None
+    layer.returned_keys = None  # don't pin a decoded copy (a quantized store's) past this call
     q = query.shape[2]
     observe = layer.selection.needs_attention
     out = layer.store.attend(query, attention_mask, scaling)

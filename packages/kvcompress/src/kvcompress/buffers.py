@@ -66,6 +66,12 @@ class SlotBuffer:
     def keep(self, index: torch.Tensor) -> None:
         """Keep slots ``index`` (``[B, H, K]``, ascending) of every (batch, head), in that order."""
         b, h, k = index.shape
+        if index.stride(0) == 0 and index.stride(1) == 0:  # one index shared by every (batch, head)
+            shared = index[0, 0]
+            for t in self.tensors.values():
+                t[:, :, :k] = t.index_select(2, shared)
+            self.length = k
+            return
         base = torch.arange(b * h, device=index.device).view(b, h, 1) * self.capacity
         flat = (index + base).reshape(-1)
         for t in self.tensors.values():

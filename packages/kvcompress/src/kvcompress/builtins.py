@@ -18,6 +18,7 @@ class Window(SelectionPolicy):
     """Sliding window: keep the most recent `budget` tokens."""
 
     name: ClassVar[str] = "window"
+    positional: ClassVar[bool] = True
 
     def score(self, ctx: SlotContext) -> torch.Tensor:
         return ctx.positions.float()
@@ -28,6 +29,7 @@ class Sink(SelectionPolicy):
     """StreamingLLM: the first `sink` tokens plus a window of the most recent ones."""
 
     name: ClassVar[str] = "sink"
+    positional: ClassVar[bool] = True
     sink: int = param(4, min=0, help="first tokens always kept (attention sinks)")
 
     def score(self, ctx: SlotContext) -> torch.Tensor:

@@ -40,6 +40,8 @@ class CompressedLayer(CacheLayerMixin):
         self.dense_returned = True
         self.awaiting_attention = False
         self.evictions = 0
+        self.padded = False  # a padding mask was seen: padding may sit in some rows' slots
+        self._shared_keep: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def is_croppable(self) -> bool:  # a rollback cannot bring evicted tokens back
@@ -172,6 +174,7 @@ class CompressedLayer(CacheLayerMixin):
         """Called after this layer's attention: record padding, then evict if due."""
         self.awaiting_attention = False
         if new_valid is not None:
+            self.padded = True
             q = new_valid.shape[-1]
             self.slots.tensors["valid"][:, :, self.slots.length - q : self.slots.length] &= new_valid[:, None, :]
         self.maybe_evict()
@@ -180,18 +183,11 @@ class CompressedLayer(CacheLayerMixin):
         target = self.selection.target(self.seen)
         if target is None or self.slots.length < target + self.selection.step:
             return
-        ctx = self.context()
-        scores = self.selection.score(ctx).float().nan_to_num(0.0, 1e30, -1e30)
-        valid = ctx.valid
         n = self.slots.length
-        protected = torch.zeros_like(valid)
-        if self.selection.sink:
-            rank = valid.to(torch.int32).cumsum(-1)
-            protected |= rank <= self.selection.sink
-        if self.selection.recent:
-            protected[..., max(n - self.selection.recent, 0):] = True
-        scores = scores.masked_fill(protected & valid, float("inf")).masked_fill(~valid, float("-inf"))
-        keep = scores.topk(min(target, n), dim=-1, sorted=False).indices.sort(dim=-1).values
+        if self.selection.positional and not self.padded:
+            keep = self._positional_keep(n, target)
+        else:
+            keep = self._scored_keep(n, target)
         self.slots.keep(keep)
         self.store.keep(keep)
         self.evictions += 1
@@ -201,8 +197,34 @@ class CompressedLayer(CacheLayerMixin):
             self.store.shrink(cap)
         self._prefill_free_slots(self.seen)
 
+    def _positional_keep(self, n: int, target: int) -> torch.Tensor:
+        """Keep-indices of a recency policy with no padding: the same for every (batch, head)."""
+        key = (n, target)
+        index = self._shared_keep.get(key)
+        if index is None:
+            sink = min(self.selection.sink, target)
+            index = torch.cat([torch.arange(sink), torch.arange(n - (target - sink), n)]).to(self.device)
+            self._shared_keep = {key: index}  # one entry: a block cadence repeats the same (n, target)
+        b, h = self.slots.tensors["valid"].shape[:2]
+        return index.view(1, 1, -1).expand(b, h, -1)
+
+    def _scored_keep(self, n: int, target: int) -> torch.Tensor:
+        """Keep-indices from the policy's scores, protected tokens and padding."""
+        ctx = self.context()
+        scores = self.selection.score(ctx).float().nan_to_num(0.0, 1e30, -1e30)
+        valid = ctx.valid
+        protected = torch.zeros_like(valid)
+        if self.selection.sink:
+            rank = valid.to(torch.int32).cumsum(-1)
+            protected |= rank <= self.selection.sink
+        if self.selection.recent:
+            protected[..., max(n - self.selection.recent, 0):] = True
+        scores = scores.masked_fill(protected & valid, float("inf")).masked_fill(~valid, float("-inf"))
+        return scores.topk(min(target, n), dim=-1, sorted=False).indices.sort(dim=-1).values
+
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds: stored K/V (however represented) and per-slot state."""
         if not self.is_initialized:
             return 0
-        return self.store.nbytes() + self.slots.nbytes()
+        cached = sum(t.numel() * t.element_size() for t in self._shared_keep.values())
+        return self.store.nbytes() + self.slots.nbytes() + cached

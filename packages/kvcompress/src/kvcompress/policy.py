@@ -77,6 +77,7 @@ class SelectionPolicy(Policy):
 
     kind: ClassVar[str] = "selection"
     needs_attention: ClassVar[bool] = False
+    positional: ClassVar[bool] = False  # True: score() is recency, so the core may skip scoring
     slot_states: ClassVar[dict[str, torch.dtype]] = {}
 
     budget: int = param(256, min=1, help="max tokens kept per (batch, kv-head)")
