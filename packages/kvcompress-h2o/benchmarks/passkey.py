@@ -4,7 +4,7 @@ Each policy's budget is ``--fraction`` of the prompt's tokens: the prompt is
 compressed once after prefill (prompt compression), then the answer is decoded
 greedily under the same budget. ``full`` is the reference on the same prompts.
 
-    python benchmarks/passkey.py --policy full --policy h2o --policy lru --policy sink --lengths 2048 3072
+    python benchmarks/passkey.py --policy full --policy h2o --policy lru --policy sink --lengths 2048 3000
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 def make_prompt(tok, length: int, depth: float, key: int) -> torch.Tensor:
     """About ``length`` tokens with the key sentence at ``depth`` (0 = start, 1 = end) of the filler."""
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    per = len(tok(FILLER).input_ids)
+    per = len(tok(FILLER * 20).input_ids) / 20  # tokens per repeat inside a run of repeats
     fixed = len(tok(INTRO + needle + QUESTION).input_ids)
-    n = max(1, (length - fixed) // per)
+    n = max(1, int((length - fixed) / per))
     before = round(n * depth)
     text = INTRO + FILLER * before + needle + FILLER * (n - before) + QUESTION
     return tok(text, return_tensors="pt").input_ids
@@ -46,8 +46,8 @@ def answer(model, tok, ids: torch.Tensor, spec: str, new_tokens: int = 8) -> tup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", action="append", required=True, help="policy name, or spec without budget")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 3072])
+    ap.add_argument("--policy", action="append", required=True, help="policy name, optionally with parameters other than budget/step: h2o(gqa=max)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 3000])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--fraction", type=float, default=0.25, help="budget as a fraction of the prompt")
     ap.add_argument("--step", type=int, default=16)
@@ -65,7 +65,8 @@ def main() -> None:
             ids = make_prompt(tok, length, depth, key).to(args.device)
             budget = int(args.fraction * ids.shape[1])
             for policy in args.policy:
-                spec = policy if policy == "full" or "(" in policy else f"{policy}(budget={budget},step={args.step})"
+                name, _, extra = policy.rstrip(")").partition("(")
+                spec = "full" if name == "full" else f"{name}(budget={budget},step={args.step}{',' * bool(extra)}{extra})"
                 t0 = time.perf_counter()
                 text, cache = answer(model, tok, ids, spec)
                 append_result(args.out, {

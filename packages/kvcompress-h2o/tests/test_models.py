@@ -149,3 +149,20 @@ def test_h2o_cache_in_generate_with_sampling(llama):
     assert out.shape == (1, 45) and cache.mode == "prompt+decode"
     assert cache.evictions["prompt"] == 2 and cache.evictions["decode"] > 0
     assert all(layer.slots.length < 14 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("spec", ["h2o(budget=16,step=4)", "lru(budget=16,step=4)"])
+@torch.no_grad()
+def test_chunks_of_step_tokens_equal_token_by_token(spec, llama):
+    """Why benchmarks/streaming_ppl.py may feed ``step`` tokens per forward: eviction points, observed
+    attention and so logits are those of token-by-token decoding with block eviction."""
+    ids = prompt(48, seed=5)
+    one, four = kvcompress.make_cache(spec), kvcompress.make_cache(spec)
+    by_token = torch.cat([llama(input_ids=ids[:, i:i + 1], past_key_values=one).logits for i in range(48)], 1)
+    by_chunk = torch.cat([llama(input_ids=ids[:, i:i + 4], past_key_values=four).logits
+                          for i in range(0, 48, 4)], 1)
+    torch.testing.assert_close(by_chunk, by_token, atol=1e-4, rtol=1e-4)
+    for a, b in zip(one.layers, four.layers):
+        assert torch.equal(a.slots.view("positions"), b.slots.view("positions"))
+    assert one.selection.mode == "decode" and four.selection.mode == "prompt"
+    assert one.selection.evictions["decode"] == four.selection.evictions["prompt"] == 2 * 8
