@@ -75,8 +75,10 @@ def main() -> None:
         if spec in done:
             continue
         nll, secs, kvb = streaming_nll(model, ids, spec, args.chunk)
-        row = {"spec": spec, "tokens": ids.shape[1], "chunk": args.chunk, "nll": nll, "ppl": math.exp(nll),
-               "seconds": secs, "kv_bytes": kvb, "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized, fp32)"}
+        row = {"spec": spec, "tokens": ids.shape[1], "chunk": args.chunk, "nll": nll,
+               "ppl": math.exp(nll),
+               "seconds": secs, "kv_bytes": kvb,
+               "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized, fp32)"}
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
