@@ -4,14 +4,16 @@
         --policy "sink(budget=0.25)" --policy "h2o(ratio=0.25)" --policy "quant(bits=4)"
 
 A budget written as a fraction (``budget=0.25``) is turned into a quarter of the context.
-Every policy is timed in the same process as `full` at the same length and batch; the result is
-a ratio. Random weights: speed and memory only, never quality.
+Every policy is timed in the same process as `full` at the same length and batch, in
+interleaved shuffled rounds (median decode step over all rounds); the result is a ratio.
+Random weights: speed and memory only, never quality.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import statistics
 import time
@@ -64,10 +66,8 @@ def measure(model, spec: str, length: int, batch: int, tokens: int, chunk: int) 
         token = out.logits[:, -1:].argmax(-1)
         e.synchronize()
         steps.append(s.elapsed_time(e))
-    ms = statistics.median(steps[2:])
-    return {"policy": spec, "length": length, "batch": batch, "prefill_s": prefill, "decode_ms": ms,
-            "tokens_per_s": batch * 1e3 / ms, "kv_bytes": kvcompress.kv_bytes(cache),
-            "peak_bytes": torch.cuda.max_memory_allocated() - base}
+    return {"policy": spec, "length": length, "batch": batch, "prefill_s": prefill, "steps_ms": steps[2:],
+            "kv_bytes": kvcompress.kv_bytes(cache), "peak_bytes": torch.cuda.max_memory_allocated() - base}
 
 
 def main() -> None:
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per policy")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
     parser.add_argument("--policy", action="append", default=[])
     parser.add_argument("--json", type=Path)
@@ -94,14 +95,22 @@ def main() -> None:
     for batch in args.batch:
         for length in args.lengths:
             measure(model, "full", min(length, 512), batch, 4, args.chunk)  # warm-up
-            full = measure(model, "full", length, batch, args.tokens, args.chunk)
-            rows.append(full)
-            for raw in ["full", *args.policy]:
-                row = full if raw == "full" else measure(model, resolve(raw, length), length, batch,
-                                                         args.tokens, args.chunk)
-                if row is not full:
-                    rows.append(row)
-                print(f"| {row['policy']} | {batch} | {length} | {row['decode_ms']:.2f} | "
+            specs = ["full", *(resolve(raw, length) for raw in args.policy)]
+            runs: dict[str, list[dict]] = {spec: [] for spec in specs}
+            for _ in range(args.rounds):  # interleaved, shuffled: drift on the host hits every policy alike
+                for spec in random.sample(specs, len(specs)):
+                    runs[spec].append(measure(model, spec, length, batch, args.tokens, args.chunk))
+            summary = {}
+            for spec in specs:
+                steps = [t for run in runs[spec] for t in run["steps_ms"]]
+                ms = statistics.median(steps)
+                summary[spec] = {**runs[spec][-1], "steps_ms": None, "decode_ms": ms,
+                                 "tokens_per_s": batch * 1e3 / ms, "rounds": args.rounds}
+            full = summary["full"]
+            for spec in specs:
+                row = summary[spec]
+                rows.append(row)
+                print(f"| {spec} | {batch} | {length} | {row['decode_ms']:.2f} | "
                       f"{row['decode_ms'] / full['decode_ms']:.3f} | {row['tokens_per_s']:.1f} | "
                       f"{row['kv_bytes'] / 2**30:.3f} | {row['kv_bytes'] / full['kv_bytes']:.3f} |", flush=True)
     if args.json:

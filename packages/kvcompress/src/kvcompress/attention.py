@@ -66,16 +66,19 @@ def _new_valid(mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
 
 def _weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
              start: int, stop: int) -> torch.Tensor:
-    """Softmax attention weights ``[B, H_kv, G, stop-start, S]`` of queries ``start:stop``."""
+    """Softmax attention weights ``[B, H_kv, G, stop-start, S]`` of queries ``start:stop``.
+
+    The G query heads of a kv head are stacked as rows of one matmul against that head's keys,
+    so K is read once, never expanded G times.
+    """
     b, hq, q_total, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
-    g = hq // hkv
-    qc = query[:, :, start:stop].reshape(b, hkv, g, stop - start, d)
-    scores = torch.matmul(qc, key.transpose(-1, -2).unsqueeze(2)).float() * scaling
+    g, c = hq // hkv, stop - start
+    qc = query[:, :, start:stop].reshape(b, hkv, g * c, d)
+    scores = (torch.matmul(qc, key.transpose(-1, -2)).float() * scaling).view(b, hkv, g, c, s)
     if mask is not None:
-        bias = _mask_bias(mask[:, :, start:stop])
-        scores = scores + bias.unsqueeze(1)
-    elif stop - start > 1 or q_total > 1:  # sdpa's implicit causal mask, bottom-right aligned
+        scores = scores + _mask_bias(mask[:, :, start:stop]).unsqueeze(1)
+    elif q_total > 1:  # sdpa's implicit causal mask, bottom-right aligned
         qpos = torch.arange(start, stop, device=key.device).view(-1, 1) + (s - q_total)
         scores = scores.masked_fill(torch.arange(s, device=key.device).view(1, -1) > qpos, float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
@@ -84,8 +87,9 @@ def _weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
 def _decode_attention(query, key, value, mask, scaling):
     """One query per head: attention and its weights in a single pass over K and V."""
     b, hq, _, d = query.shape
+    hkv, s = key.shape[1], key.shape[2]
     weights = _weights(query, key, mask, scaling, 0, 1)  # [B, Hkv, G, 1, S]
-    out = torch.matmul(weights.to(value.dtype).squeeze(3), value)  # [B, Hkv, G, D]
+    out = torch.matmul(weights.view(b, hkv, hq // hkv, s).to(value.dtype), value)  # [B, Hkv, G, D]
     return out.reshape(b, 1, hq, d), weights
 
 
