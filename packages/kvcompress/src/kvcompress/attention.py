@@ -20,7 +20,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import kernels
 from .layer import CompressedLayer, current
+from .store import DenseStore
 
 NAME = "kvcompress"
 QUERY_CHUNK = 256  # queries per chunk when a prompt's attention weights are observed
@@ -84,18 +86,56 @@ def _weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
+_IGNORED: dict = {}
+
+
+def _ignored(like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-d tensor for ``baddbmm``'s ``input`` when ``beta=0`` (never read)."""
+    key = (like.device, like.dtype)
+    if key not in _IGNORED:
+        _IGNORED[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return _IGNORED[key]
+
+
 def _decode_attention(query, key, value, mask, scaling):
-    """One query per head: attention and its weights in a single pass over K and V."""
+    """One query per head: attention and its weights ``[B, H_kv, G, 1, S]`` in one pass over K and V.
+
+    Few kernels on purpose (a decode step is bound by the host's launches): the scaled scores in one
+    batched matmul, the softmax in float32 written in the model's dtype (as eager attention casts it),
+    then the output in a second matmul. The G query heads of a kv head are rows of one matmul.
+    """
     b, hq, _, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
-    weights = _weights(query, key, mask, scaling, 0, 1)  # [B, Hkv, G, 1, S]
-    out = torch.matmul(weights.view(b, hkv, hq // hkv, s).to(value.dtype), value)  # [B, Hkv, G, D]
-    return out.reshape(b, 1, hq, d), weights
+    g = hq // hkv
+    q3 = query.reshape(b * hkv, g, d)
+    k3 = key.reshape(b * hkv, s, d)
+    scores = torch.baddbmm(_ignored(q3).expand(b * hkv, g, s), q3, k3.transpose(1, 2), beta=0.0, alpha=scaling)
+    if mask is not None:
+        bias = _mask_bias(mask[:, :, -1:]).to(scores.dtype)  # [B, 1, 1, S]
+        scores = (scores.view(b, hkv, g, s) + bias).view(b * hkv, g, s)
+    weights = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        weights = weights.nan_to_num(0.0)
+    out = torch.bmm(weights, value.reshape(b * hkv, s, d))
+    return out.view(b, 1, hq, d), weights.view(b, hkv, g, 1, s)
+
+
+def _fused_decode(layer: CompressedLayer, query, mask, scaling) -> torch.Tensor | None:
+    """The decode step's attention and the policy's observation in one kernel, where both allow it."""
+    if not (kernels.ENABLED and kernels.AVAILABLE and query.device.type == "cuda"
+            and isinstance(layer.store, DenseStore)):
+        return None
+    accumulated = layer.selection.accumulated_attention()
+    if accumulated is None:
+        return None
+    buf = layer.store.buf.tensors
+    return kernels.observed_decode(query, buf["keys"], buf["values"], layer.store.length, mask, scaling,
+                                   layer.slots.tensors[accumulated[0]], accumulated[1])
 
 
 def _record(layer_idx: int, weights: torch.Tensor, positions: torch.Tensor) -> None:
     b, hkv, g, q, s = weights.shape
-    _capture.records.append(AttentionRecord(layer_idx, weights.reshape(b, hkv * g, q, s), positions))
+    _capture.records.append(AttentionRecord(layer_idx, weights.reshape(b, hkv * g, q, s).float(), positions))
 
 
 def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -123,25 +163,35 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         return out, None
     if not layer.dense_returned:  # update() handed out stand-ins: decode for real
         key, value = layer.store.keys_values()
-    if q == 1 and (observe or capturing) and out is None:
+    if not (observe or capturing):
+        if out is None:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                            scaling=scaling, **kwargs)
+        layer.finish_attention(_new_valid(attention_mask, q))
+        return out, None
+    if q == 1 and out is None and observe and not capturing:
+        out = _fused_decode(layer, query, attention_mask, scaling)
+        if out is not None:
+            layer.finish_attention(_new_valid(attention_mask, q))
+            return out, None
+    if q == 1 and out is None:
         out, weights = _decode_attention(query, key, value, attention_mask, scaling)
         chunks = [(0, 1, weights)]
     else:
         if out is None:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, **kwargs)
-        chunks = ((i, min(i + QUERY_CHUNK, q), None) for i in range(0, q, QUERY_CHUNK)) if (
-            observe or capturing) else ()
-    positions = layer.slots.view("positions")
+        chunks = ((i, min(i + QUERY_CHUNK, q), None) for i in range(0, q, QUERY_CHUNK))
+    table = layer.slots.tensors["positions"]  # the new tokens' slots: [n - q, n)
+    first = layer.slots.length - q
     ctx = layer.context() if observe else None
     for start, stop, weights in chunks:
         if weights is None:
             weights = _weights(query, key, attention_mask, scaling, start, stop)
         if observe:
-            qpos = positions[0, 0, positions.shape[-1] - q + start : positions.shape[-1] - q + stop]
-            layer.selection.observe(ctx, weights, qpos)
+            layer.selection.observe(ctx, weights, table[0, 0, first + start : first + stop])
         if capturing:
-            _record(layer.layer_idx, weights, positions.clone())
+            _record(layer.layer_idx, weights, layer.slots.view("positions").clone())
     layer.finish_attention(_new_valid(attention_mask, q))
     return out, None
 

@@ -103,9 +103,9 @@ class CompressedLayer(CacheLayerMixin):
         t = self.slots.tensors
         t["positions"][:, :, n:] = torch.arange(next_position, next_position + cap - n,
                                                 device=t["positions"].device, dtype=torch.int32)
-        t["valid"][:, :, n:] = True
+        t["valid"][:, :, n:].fill_(True)  # fill_, not `= True`: a Python scalar set on a GPU tensor may copy
         for name in self.selection.slot_states:
-            t[name][:, :, n:] = 0
+            t[name][:, :, n:].fill_(0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         stored = self.slots.length
@@ -165,10 +165,7 @@ class CompressedLayer(CacheLayerMixin):
 
     # -- policy machinery ---------------------------------------------------------------------------
     def context(self) -> SlotContext:
-        keys, values = self.store.keys_values()
-        views = self.slots.views()
-        state = {name: views[name] for name in self.selection.slot_states}
-        return SlotContext(self.layer_idx, self.seen, views["positions"], views["valid"], state, keys, values)
+        return SlotContext(self.layer_idx, self.seen, self.slots, self.store, self.selection.slot_states)
 
     def finish_attention(self, new_valid: torch.Tensor | None) -> None:
         """Called after this layer's attention: record padding, then evict if due."""
@@ -218,7 +215,7 @@ class CompressedLayer(CacheLayerMixin):
             rank = valid.to(torch.int32).cumsum(-1)
             protected |= rank <= self.selection.sink
         if self.selection.recent:
-            protected[..., max(n - self.selection.recent, 0):] = True
+            protected[..., max(n - self.selection.recent, 0):].fill_(True)
         scores = scores.masked_fill(protected & valid, float("inf")).masked_fill(~valid, float("-inf"))
         return scores.topk(min(target, n), dim=-1, sorted=False).indices.sort(dim=-1).values
 

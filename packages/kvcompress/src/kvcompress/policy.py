@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
 
+from .buffers import SlotBuffer
 from .params import check_known, param, validate
 from .store import KVStore
 
@@ -49,20 +52,46 @@ class Policy:
         return f"{self.name}({','.join(parts)})" if parts else self.name
 
 
-@dataclass
 class SlotContext:
-    """What a selection policy sees of one layer when it scores.
+    """What a selection policy sees of one layer when it scores or observes.
 
-    Tensors are ``[B, H_kv, S]`` over the stored slots, in temporal order.
+    ``positions``, ``valid`` and each ``state[name]`` are ``[B, H_kv, S]`` over the stored slots, in
+    temporal order; ``keys`` and ``values`` are ``[B, H_kv, S, D]``. Each is made on first access, so a
+    decode step pays only for what the policy reads.
     """
 
-    layer_idx: int
-    seen: int
-    positions: torch.Tensor
-    valid: torch.Tensor
-    state: dict[str, torch.Tensor]
-    keys: torch.Tensor
-    values: torch.Tensor
+    def __init__(self, layer_idx: int, seen: int, slots: SlotBuffer, store: KVStore,
+                 state_names: Iterable[str] = ()) -> None:
+        self.layer_idx = layer_idx
+        self.seen = seen
+        self._slots, self._store, self._state_names = slots, store, state_names
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        """Absolute token position of each slot."""
+        return self._slots.view("positions")
+
+    @cached_property
+    def valid(self) -> torch.Tensor:
+        """False where a slot holds padding."""
+        return self._slots.view("valid")
+
+    @cached_property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The policy's per-slot state (``slot_states``), as views: update them in place."""
+        return {name: self._slots.view(name) for name in self._state_names}
+
+    @cached_property
+    def _keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._store.keys_values()
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys_values[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._keys_values[1]
 
 
 @dataclass
@@ -118,9 +147,21 @@ class SelectionPolicy(Policy):
         """Importance ``[B, H_kv, S]`` of each stored slot; the top ones are kept."""
         raise NotImplementedError(f"{type(self).__name__} must implement score()")
 
+    def accumulated_attention(self) -> tuple[str, str] | None:
+        """``(state, reduce)`` when :meth:`observe` only adds, into the float32 slot state ``state``, the
+        attention each slot receives, reduced over the G query heads of its kv head by ``reduce`` ("sum"
+        or "max") and summed over queries. The core may then do that inside one fused decode kernel
+        instead of calling :meth:`observe` (decode steps on a GPU with Triton). ``None``: always observe.
+        """
+        return None
+
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         """Called with attention weights ``[B, H_kv, G, q, S]`` (G query heads per kv head) when
-        ``needs_attention``; update ``ctx.state`` in place."""
+        ``needs_attention``; update ``ctx.state`` in place.
+
+        Prompt chunks come in float32; a decode step's weights (``q == 1``) come in the model's dtype,
+        as eager attention rounds them, so accumulate them with ``dtype=torch.float32`` where it matters.
+        """
 
 
 @dataclass

@@ -1,0 +1,48 @@
+"""The fused observed-decode kernel against the torch path (GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcompress import kernels
+from kvcompress.attention import _decode_attention
+
+pytestmark = pytest.mark.skipif(
+    not (kernels.AVAILABLE and torch.cuda.is_available()),
+    reason="the fused decode kernel needs Triton and a CUDA GPU "
+    + ("(no CUDA device here)" if kernels.AVAILABLE else "(Triton is not installed)"),
+)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_observed_decode_matches_torch_ops(reduce, mask_kind, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, hkv, grp, d, cap, n = 2, 4, 4, 128, 1100, 1029
+    keys = torch.randn(b, hkv, cap, d, device="cuda", generator=g).to(dtype)
+    values = torch.randn(b, hkv, cap, d, device="cuda", generator=g).to(dtype)
+    query = torch.randn(b, hkv * grp, 1, d, device="cuda", generator=g).to(dtype)
+    mask = None
+    if mask_kind:
+        valid = torch.ones(b, n, dtype=torch.bool, device="cuda")
+        valid[1, :300] = False  # left padding of row 1
+        valid[0, 700] = False
+        mask = valid[:, None, None, :]
+        if mask_kind == "float":
+            mask = torch.zeros(mask.shape, dtype=dtype, device="cuda").masked_fill(~mask, torch.finfo(dtype).min)
+    acc = torch.rand(b, hkv, cap, device="cuda", generator=g)
+    before = acc.clone()
+    out = kernels.observed_decode(query, keys, values, n, mask, d**-0.5, acc, reduce)
+    ref, weights = _decode_attention(query.float(), keys[:, :, :n].float(), values[:, :, :n].float(),
+                                     mask, d**-0.5)
+    reduced = weights.sum(2) if reduce == "sum" else weights.amax(2)
+    expected = before.clone()
+    expected[:, :, :n] += reduced.sum(2)
+    assert out.shape == (b, 1, hkv * grp, d) and out.dtype == dtype
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert rel < (1e-2 if dtype == torch.bfloat16 else 1e-5), rel
+    torch.testing.assert_close(acc, expected, rtol=1e-3, atol=1e-5)
+    if mask_kind:  # padding receives no attention
+        assert torch.equal(acc[1, :, :300], before[1, :, :300])
