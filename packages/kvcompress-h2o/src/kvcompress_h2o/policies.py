@@ -62,10 +62,13 @@ class H2O(AttentionScored):
                 f"sum to {self.heavy_ratio + self.recent_ratio:g}; allowed: they must sum to 1"
             )
 
+    def accumulated_attention(self) -> tuple[str, str]:
+        return "acc", self.gqa  # what observe() does, so a decode step may fuse it into attention
+
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         self._note_queries(ctx, weights)
-        heads = weights.sum(2) if self.gqa == "sum" else weights.amax(2)  # [B, Hkv, q, S]
-        ctx.state["acc"] += heads.sum(2)
+        heads = weights if self.gqa == "sum" else weights.amax(2, keepdim=True)  # [B, Hkv, G or 1, q, S]
+        ctx.state["acc"].add_(heads.sum((2, 3), dtype=torch.float32))
 
     def score(self, ctx: SlotContext) -> torch.Tensor:
         self._note_eviction(ctx)
