@@ -71,10 +71,10 @@ def random_store(bits, key_axis, value_axis, b, h, n, d=128, dtype=torch.bfloat1
 
 
 def numerics():
-    for fast in (True, False):
-        kernels.FAST = fast
-        numerics_one(fast)
-    kernels.FAST = True
+    for pieces in (True, False):
+        kernels.PIECES = pieces
+        numerics_one(pieces)
+    kernels.PIECES = True
 
 
 def numerics_one(fast):
@@ -137,27 +137,33 @@ def kernel_bench():
         del k, v, sdpa
         store = random_store(4, "channel", "token", b, hkv, n)
         best = None
-        for fast, bn, nw, smin in ((False, 32, 4, 128), (True, 64, 4, 256), (True, 64, 8, 256),
-                                   (True, 32, 4, 128), (True, 64, 4, 512)):
-            kernels.FAST, kernels.BLOCK_N, kernels.NUM_WARPS, kernels.SPLIT_MIN = fast, bn, nw, smin
+        variants = ((True, 64, 2, 256, 2, 4), (True, 64, 2, 256, 3, 4), (True, 64, 4, 256, 3, 4),
+                    (True, 64, 4, 128, 3, 8), (True, 64, 2, 128, 3, 8), (True, 64, 2, 64, 3, 16),
+                    (True, 32, 2, 64, 3, 16), (True, 64, 1, 128, 3, 8), (True, 64, 4, 256, 4, 4),
+                    (True, 64, 2, 64, 2, 32))
+        for fast, bn, nw, smin, stages, per_sm in variants:
+            kernels.PIECES, kernels.BLOCK_N, kernels.NUM_WARPS, kernels.SPLIT_MIN = fast, bn, nw, smin
+            kernels.NUM_STAGES, kernels.SPLITS_PER_SM = stages, per_sm
 
             def fused(store=store, q=q):
                 return kernels.decode_attention(store, q, None, d**-0.5)
 
             t = triton.testing.do_bench(fused, warmup=50, rep=300, return_mode="median")
             tg = graph_ms(fused)
-            emit(test="kernel_variant", batch=b, fast=fast, block_n=bn, num_warps=nw, split_min=smin, ms=t,
-                 graph_ms=tg)
+            emit(test="kernel_variant", batch=b, pieces=fast, block_n=bn, num_warps=nw, split_min=smin,
+                 num_stages=stages, splits_per_sm=per_sm, ms=t, graph_ms=tg)
             if best is None or tg < best[0]:
-                best = (tg, t, bn, nw, smin, fast)
-        kernels.BLOCK_N, kernels.NUM_WARPS, kernels.SPLIT_MIN, kernels.FAST = best[2:]
+                best = (tg, t, bn, nw, smin, fast, stages, per_sm)
+        (kernels.BLOCK_N, kernels.NUM_WARPS, kernels.SPLIT_MIN, kernels.PIECES, kernels.NUM_STAGES,
+         kernels.SPLITS_PER_SM) = best[2:]
         gb = store.nbytes() / 1e9
         bf16_gb = 2 * b * hkv * n * d * 2 / 1e9
         emit(test="decode_attention_32k", batch=b, sdpa_bf16_ms=sdpa_ms, sdpa_bf16_graph_ms=sdpa_graph,
              int4_fused_ms=best[1], int4_fused_graph_ms=best[0], speedup_graph=sdpa_graph / best[0],
              speedup_launch_included=sdpa_ms / best[1], int4_store_GB=gb, int4_GBps=gb / best[0] * 1e3,
              bf16_GB=bf16_gb, bf16_GBps=bf16_gb / sdpa_graph * 1e3,
-             config=dict(block_n=best[2], num_warps=best[3], split_min=best[4], fast=best[5]))
+             config=dict(block_n=best[2], num_warps=best[3], split_min=best[4], pieces=best[5],
+                         num_stages=best[6], splits_per_sm=best[7]))
         del store
         torch.cuda.empty_cache()
 

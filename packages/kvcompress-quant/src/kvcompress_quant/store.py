@@ -35,6 +35,8 @@ class QuantStore(KVStore):
         self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_q = 0
         self._stand_in: torch.Tensor | None = None
+        self._fused: bool | None = None  # whether attend() runs the Triton kernel (decided once)
+        self.launch_cache: dict = {}  # the kernel's per-store launch constants (kernels.py)
 
     # -- layout helpers --------------------------------------------------------------------------
     @property
@@ -91,7 +93,7 @@ class QuantStore(KVStore):
     def _reserve_mid(self, needed: int) -> None:
         if needed <= self.cap_m:
             return
-        grow = max(needed, self.cap_m + self.cap_m // 4)
+        grow = max(needed, self.cap_m + max(self.cap_m // 16, 4 * self.group))  # little slack: memory is the point
         if self.cap_hint is not None:
             bound = max(self.cap_hint - self.sink - self.window, needed)
             grow = min(grow, bound)
@@ -129,9 +131,9 @@ class QuantStore(KVStore):
             keys, values, q = keys[:, :, take:], values[:, :, take:], q - take
         t0, w = self.sink, self.w
         total = w + q
-        if total < self.window + self.group:
-            self.fk[:, :, t0 + w : t0 + total] = keys
-            self.fv[:, :, t0 + w : t0 + total] = values
+        if total < self.window + self.group:  # narrow().copy_(): the decode path, kept cheap on the host
+            self.fk.narrow(2, t0 + w, q).copy_(keys)
+            self.fv.narrow(2, t0 + w, q).copy_(values)
             self.w = total
             return
         nq = (total - self.window) // self.group * self.group
@@ -183,11 +185,11 @@ class QuantStore(KVStore):
         return t, t
 
     def _fused_enabled(self) -> bool:
-        if self.kernel == "torch" or self.device.type != "cuda":
-            return False
-        from . import kernels
+        if self._fused is None:
+            from . import kernels
 
-        return kernels.AVAILABLE
+            self._fused = self.kernel != "torch" and self.device.type == "cuda" and kernels.AVAILABLE
+        return self._fused
 
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
                ) -> torch.Tensor | None:
