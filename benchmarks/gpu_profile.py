@@ -56,6 +56,10 @@ def profile(model, spec: str, length: int, batch: int, chunk: int, steps: int, t
         e.record()
         e.synchronize()
         device.append(s.elapsed_time(e))
+    if table_rows == 0:
+        print(f"{spec:32s} b{batch} {length}: back-to-back {wall:.2f} ms/step, host enqueue {host:.2f} ms/step, "
+              f"one synced step {statistics.median(device):.2f} ms", flush=True)
+        return
     if cprofile:
         import cProfile
         import pstats
@@ -97,14 +101,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--rows", type=int, default=25, help="rows of the profile table (0: timings only)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the policies")
     parser.add_argument("--policy", action="append", default=[])
     parser.add_argument("--cprofile", action="store_true", help="Python-level host profile instead of torch's")
     args = parser.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_model(args.layers)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for spec in ["full", *(resolve(p, args.length) for p in args.policy)]:
+    for spec in ["full", *(resolve(p, args.length) for p in args.policy)] * args.repeat:
         profile(model, spec, args.length, args.batch, args.chunk, args.steps, args.rows, args.cprofile)
 
 

@@ -244,8 +244,8 @@ def fill(spec, model, b, ctx, layers):
             store = cache.layers[layer].store
             zero = torch.zeros((1, 1, 1, 1), dtype=torch.bfloat16, device=DEV)
             store.keys_values = lambda st=store, z=zero: (z.expand(b, h, st.length, 128),) * 2
-            for s in range(1, ctx, 4096):
-                k = torch.randn(b, h, min(4096, ctx - s), 128, device=DEV, dtype=torch.bfloat16)
+            for s in range(1, ctx, 2048):
+                k = torch.randn(b, h, min(2048, ctx - s), 128, device=DEV, dtype=torch.bfloat16)
                 cache.update(k, torch.randn_like(k), layer)
                 del k
             del store.keys_values
@@ -278,18 +278,24 @@ def maxbatch(model, ctx=32768, layers=32, specs=("full", "quant(bits=4)")):
     for spec in specs:
         b = max(1, int(free * 0.9 / per_seq[spec]))
         ok, fail = {}, set()
-        for _ in range(6):
+        step = max(1, b // 16)
+        for _ in range(9):  # walk by `step` until the edge is bracketed, then bisect
             r = try_batch(model, spec, b, ctx, layers)
             emit(test="maxbatch_try", spec=spec, batch=b, fits=r is not None,
                  ms_per_step=None if r is None else r[0] * 1e3, kv_GB=None if r is None else r[1])
             if r is None:
                 fail.add(b)
-                b -= 1
             else:
                 ok[b] = r
-                b += 1 if fail else 3
-            if b in fail or b in ok or b < 1 or (fail and b + 1 in fail and b in ok):
+            lo, hi = max(ok, default=0), min(fail, default=None)
+            if hi is not None and hi - lo <= 1 and lo:
                 break
+            if hi is None:
+                b = lo + step
+            elif not lo:
+                b = max(1, hi - step)
+            else:
+                b = (lo + hi) // 2
         best = max(ok) if ok else 0
         t, kvgb, peak = ok[best] if ok else (float("nan"),) * 3
         emit(test="maxbatch", spec=spec, context=ctx, max_batch=best, ms_per_step=t * 1e3,
