@@ -27,6 +27,11 @@ def test_registered_and_builds_compressed_cache():
     assert isinstance(cache.selection, kvcompress.Full) and isinstance(cache.representation, Quant)
 
 
+def test_rotates_by_default():
+    assert Quant(bits=2).make_store(0).rotated
+    assert not Quant(bits=2, rotate="none").make_store(0).rotated
+
+
 def test_short_sequence_equals_full():
     """Nothing leaves the full-precision window: logits equal DynamicCache's."""
     model = tiny_model()

@@ -24,6 +24,9 @@ class Quant(Representation):
                           help="keys quantized per channel (groups of tokens) or per token")
     value_axis: str = param("token", choices=("token", "channel"),
                             help="values quantized per token (groups of channels) or per channel")
+    rotate: str = param("hadamard", choices=("hadamard", "none"),
+                        help="quantize keys and values times a Hadamard rotation of the channels (spreads "
+                             "outlier channels), or as they are")
     kernel: str = param("auto", choices=("auto", "triton", "torch"),
                         help="decode attention: fused Triton kernel on GPU, or dequantize (torch)")
 
@@ -40,4 +43,4 @@ class Quant(Representation):
 
     def make_store(self, layer_idx: int) -> QuantStore:
         return QuantStore(self.bits, self.group_size, self.sink, self.window, self.key_axis,
-                          self.value_axis, self.kernel)
+                          self.value_axis, self.kernel, self.rotate)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from kvcompress import KVStore
@@ -20,12 +22,17 @@ class QuantStore(KVStore):
     Full-precision tokens live in one buffer ``fk``/``fv`` of ``sink + window + group`` slots: the sink
     at ``[0, s)``, the tail at ``[sink, sink + w)``. Once the tail reaches ``window + group`` tokens its
     oldest whole groups are quantized in one go, so quantization runs once per ``group`` decoded tokens.
+
+    With ``rotate="hadamard"`` the middle's codes encode keys and values times the Hadamard rotation ``R``
+    (see :mod:`.codec`); decoding rotates back, and the fused kernel attends in the rotated basis (query
+    and full-precision slots rotated going in, the output rotated back). Sink and tail stay as given.
     """
 
     def __init__(self, bits: int, group: int, sink: int, window: int, key_axis: str, value_axis: str,
-                 kernel: str = "auto") -> None:
+                 kernel: str = "auto", rotate: str = "none") -> None:
         self.bits, self.group, self.sink, self.window = bits, group, sink, window
         self.key_axis, self.value_axis, self.kernel = key_axis, value_axis, kernel
+        self.rotated = rotate == "hadamard"
         self.s = self.m = self.w = 0
         self.fk: torch.Tensor | None = None
         self.fv: torch.Tensor | None = None
@@ -104,7 +111,7 @@ class QuantStore(KVStore):
         a, e = self.m, self.m + n
         for x, c, sname, zname, axis in ((keys, self.ck, "ks", "kz", self.key_axis),
                                          (values, self.cv, "vs", "vz", self.value_axis)):
-            packed, scale, zero = codec.quantize(x, self.bits, axis, self._g(axis))
+            packed, scale, zero = codec.quantize(x, self.bits, axis, self._g(axis), self.rotated)
             c[:, :, a:e] = packed
             ra, re = self._rows(axis, a), self._rows(axis, e)
             getattr(self, sname)[:, :, ra:re] = scale
@@ -157,7 +164,7 @@ class QuantStore(KVStore):
             if m:
                 rows = self._rows(axis, m)
                 codec.dequantize_into(x[:, :, s : s + m], c[:, :, :m], sc[:, :, :rows], zr[:, :, :rows],
-                                      self.bits, axis, self._g(axis))
+                                      self.bits, axis, self._g(axis), self.rotated)
             x[:, :, s + m :] = f[:, :, self.sink : self.sink + self.w]
             out.append(x)
         return out[0], out[1]
@@ -196,7 +203,14 @@ class QuantStore(KVStore):
             return None
         from . import kernels
 
-        return kernels.decode_attention(self, query, attention_mask, scaling)
+        if not self.rotated:
+            return kernels.decode_attention(self, query, attention_mask, scaling)
+        # the kernel reads the middle's codes as stored (rotated): give it a rotated query and a view of the
+        # store whose full-precision sink + tail are rotated too, then rotate the output back
+        view = copy.copy(self)
+        view.fk, view.fv = codec.rotate(self.fk), codec.rotate(self.fv)
+        out = kernels.decode_attention(view, codec.rotate(query), attention_mask, scaling)
+        return None if out is None else codec.rotate(out)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep slots ``index`` ``[B, H, K]``: decode, gather, and re-split into sink / middle / tail.
