@@ -27,9 +27,12 @@ def test_registered_and_builds_compressed_cache():
     assert isinstance(cache.selection, kvcompress.Full) and isinstance(cache.representation, Quant)
 
 
-def test_rotates_by_default():
-    assert Quant(bits=2).make_store(0).rotated
-    assert not Quant(bits=2, rotate="none").make_store(0).rotated
+def test_defaults_group_size_by_bits_and_rotate():
+    for bits, group in ((2, 32), (4, 64), (8, 64)):
+        store = Quant(bits=bits).make_store(0)
+        assert (store.group, store.rotated) == (group, True)
+    store = Quant(bits=2, group_size=16, rotate="none").make_store(0)
+    assert (store.group, store.rotated) == (16, False)
 
 
 def test_short_sequence_equals_full():

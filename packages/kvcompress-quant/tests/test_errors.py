@@ -16,6 +16,7 @@ from kvcompress_quant import Quant, kernels
     ("quant(group_size=0)", r"quant: parameter 'group_size' got 0; allowed: int >= 1"),
     ("quant(key_axis=rows)", r"quant: parameter 'key_axis' got 'rows'; allowed: one of 'channel', 'token'"),
     ("quant(rotate=random)", r"quant: parameter 'rotate' got 'random'; allowed: one of 'hadamard', 'none'"),
+    ("quant(group_size=-4)", r"quant: parameter 'group_size' got -4; allowed: int >= 1 \(or None\)"),
     ("quant(nbits=4)", r"quant: unknown parameter 'nbits'; allowed parameters: bits, group_size"),
 ])
 def test_bad_parameters(spec, pattern):

@@ -17,7 +17,8 @@ class Quant(Representation):
     name: ClassVar[str] = "quant"
 
     bits: int = param(4, choices=(8, 4, 2), help="bits per stored code (packed 1, 2 or 4 per byte)")
-    group_size: int = param(64, min=1, help="elements sharing one scale and zero point")
+    group_size: int | None = param(None, min=1, help="elements sharing one scale and zero point "
+                                   "(default None: 32 at bits=2, 64 at bits=4 and 8)")
     sink: int = param(4, min=0, help="first tokens kept in the model's dtype")
     window: int = param(128, min=0, help="most recent tokens kept in the model's dtype")
     key_axis: str = param("channel", choices=("channel", "token"),
@@ -41,6 +42,13 @@ class Quant(Representation):
                     "'kvcompress-quant[gpu]'"
                 )
 
+    @property
+    def group(self) -> int:
+        """``group_size``, or its default for ``bits`` (32 at int2: measured better and smaller than 64)."""
+        if self.group_size is not None:
+            return self.group_size
+        return 32 if self.bits == 2 else 64
+
     def make_store(self, layer_idx: int) -> QuantStore:
-        return QuantStore(self.bits, self.group_size, self.sink, self.window, self.key_axis,
+        return QuantStore(self.bits, self.group, self.sink, self.window, self.key_axis,
                           self.value_axis, self.kernel, self.rotate)
