@@ -30,9 +30,9 @@ def test_registered_and_builds_compressed_cache():
 def test_defaults_group_size_by_bits_and_rotate():
     for bits, group in ((2, 32), (4, 64), (8, 64)):
         store = Quant(bits=bits).make_store(0)
-        assert (store.group, store.rotated) == (group, True)
-    store = Quant(bits=2, group_size=16, rotate="none").make_store(0)
-    assert (store.group, store.rotated) == (16, False)
+        assert (store.group, store.rotate) == (group, True)
+    store = Quant(bits=2, group_size=16, rotate=False).make_store(0)
+    assert (store.group, store.rotate) == (16, False)
 
 
 def test_short_sequence_equals_full():

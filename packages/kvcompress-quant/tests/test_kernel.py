@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _store(bits, key_axis, value_axis, b=2, h=4, d=128, n=3000, dtype=torch.bfloat16, group=64,
-           rotate="none"):
+           rotate=False):
     store = QuantStore(bits, group, sink=4, window=128, key_axis=key_axis, value_axis=value_axis,
                        rotate=rotate)
     g = torch.Generator(device="cuda").manual_seed(bits)
@@ -55,7 +55,7 @@ def test_kernel_matches_dequantize_then_sdpa(bits, axes, mask_kind):
 @pytest.mark.parametrize("axes", [("channel", "token"), ("token", "channel")])
 def test_rotated_store_attends_in_the_rotated_basis(bits, group, axes):
     """attend() rotates the query and the full-precision slots in, and the output back out."""
-    store = _store(bits, *axes, group=group, rotate="hadamard")
+    store = _store(bits, *axes, group=group, rotate=True)
     query = torch.randn(store.b, 16, 1, 128, device="cuda", dtype=torch.bfloat16)
     out = store.attend(query, None, 128**-0.5)
     ref = kernels.reference_attention(store, query, None, 128**-0.5)

@@ -25,9 +25,8 @@ class Quant(Representation):
                           help="keys quantized per channel (groups of tokens) or per token")
     value_axis: str = param("token", choices=("token", "channel"),
                             help="values quantized per token (groups of channels) or per channel")
-    rotate: str = param("hadamard", choices=("hadamard", "none"),
-                        help="quantize keys and values times a Hadamard rotation of the channels (spreads "
-                             "outlier channels), or as they are")
+    rotate: bool = param(True, help="quantize keys and values times a Hadamard rotation of the channels "
+                                    "(spreads outlier channels); false: as they are")
     kernel: str = param("auto", choices=("auto", "triton", "torch"),
                         help="decode attention: fused Triton kernel on GPU, or dequantize (torch)")
 

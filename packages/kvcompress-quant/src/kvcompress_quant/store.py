@@ -23,16 +23,16 @@ class QuantStore(KVStore):
     at ``[0, s)``, the tail at ``[sink, sink + w)``. Once the tail reaches ``window + group`` tokens its
     oldest whole groups are quantized in one go, so quantization runs once per ``group`` decoded tokens.
 
-    With ``rotate="hadamard"`` the middle's codes encode keys and values times the Hadamard rotation ``R``
+    With ``rotate`` the middle's codes encode keys and values times the Hadamard rotation ``R``
     (see :mod:`.codec`); decoding rotates back, and the fused kernel attends in the rotated basis (query
     and full-precision slots rotated going in, the output rotated back). Sink and tail stay as given.
     """
 
     def __init__(self, bits: int, group: int, sink: int, window: int, key_axis: str, value_axis: str,
-                 kernel: str = "auto", rotate: str = "none") -> None:
+                 kernel: str = "auto", rotate: bool = False) -> None:
         self.bits, self.group, self.sink, self.window = bits, group, sink, window
         self.key_axis, self.value_axis, self.kernel = key_axis, value_axis, kernel
-        self.rotated = rotate == "hadamard"
+        self.rotate = rotate
         self.s = self.m = self.w = 0
         self.fk: torch.Tensor | None = None
         self.fv: torch.Tensor | None = None
@@ -111,7 +111,7 @@ class QuantStore(KVStore):
         a, e = self.m, self.m + n
         for x, c, sname, zname, axis in ((keys, self.ck, "ks", "kz", self.key_axis),
                                          (values, self.cv, "vs", "vz", self.value_axis)):
-            packed, scale, zero = codec.quantize(x, self.bits, axis, self._g(axis), self.rotated)
+            packed, scale, zero = codec.quantize(x, self.bits, axis, self._g(axis), self.rotate)
             c[:, :, a:e] = packed
             ra, re = self._rows(axis, a), self._rows(axis, e)
             getattr(self, sname)[:, :, ra:re] = scale
@@ -164,7 +164,7 @@ class QuantStore(KVStore):
             if m:
                 rows = self._rows(axis, m)
                 codec.dequantize_into(x[:, :, s : s + m], c[:, :, :m], sc[:, :, :rows], zr[:, :, :rows],
-                                      self.bits, axis, self._g(axis), self.rotated)
+                                      self.bits, axis, self._g(axis), self.rotate)
             x[:, :, s + m :] = f[:, :, self.sink : self.sink + self.w]
             out.append(x)
         return out[0], out[1]
@@ -203,7 +203,7 @@ class QuantStore(KVStore):
             return None
         from . import kernels
 
-        if not self.rotated:
+        if not self.rotate:
             return kernels.decode_attention(self, query, attention_mask, scaling)
         # the kernel reads the middle's codes as stored (rotated): give it a rotated query and a view of the
         # store whose full-precision sink + tail are rotated too, then rotate the output back
