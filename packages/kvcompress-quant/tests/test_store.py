@@ -128,3 +128,39 @@ def test_codec_parts_layout_matches_kernel_convention():
     packed = codec.pack(codes, 2)
     # byte j holds channels j, j+4, j+8, j+12 in bits 0-1, 2-3, 4-5, 6-7
     assert packed[0, 1].item() == (1 | 1 << 2 | 1 << 4 | 1 << 6)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotated_decode_attends_in_the_rotated_basis(bits, mask_kind, dtype):
+    """A rotating store's one-query attention (no rotating back of the middle) equals decode-then-sdpa."""
+    from kvcompress_quant import kernels
+
+    store = QuantStore(bits, 16, sink=4, window=32, key_axis="channel", value_axis="token", rotate=True)
+    _fill(store, [150, 1], dtype=dtype)
+    store._last_q = 1
+    assert store.stand_ins() is not None  # update() hands out placeholders; attend() takes the step
+    n = store.length
+    query = torch.randn(B, 2 * H, 1, D).to(dtype)  # GQA: 2 query heads per kv head
+    mask = None
+    if mask_kind:
+        valid = torch.ones(B, n, dtype=torch.bool)
+        valid[1, :20] = False  # left padding of row 1
+        valid[0, 100] = False
+        mask = valid[:, None, None, :]
+        if mask_kind == "float":
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    out = store.attend(query, mask, D**-0.5)
+    ref = kernels.reference_attention(store, query, mask, D**-0.5)
+    assert out.shape == (B, 1, 2 * H, D) and out.dtype == dtype
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+def test_unrotated_store_leaves_cpu_attention_to_sdpa():
+    store = QuantStore(4, 16, sink=4, window=32, key_axis="channel", value_axis="token")
+    _fill(store, [150, 1])
+    store._last_q = 1
+    assert store.stand_ins() is None
+    assert store.attend(torch.randn(B, H, 1, D), None, D**-0.5) is None

@@ -24,8 +24,10 @@ class QuantStore(KVStore):
     oldest whole groups are quantized in one go, so quantization runs once per ``group`` decoded tokens.
 
     With ``rotate`` the middle's codes encode keys and values times the Hadamard rotation ``R``
-    (see :mod:`.codec`); decoding rotates back, and the fused kernel attends in the rotated basis (query
-    and full-precision slots rotated going in, the output rotated back). Sink and tail stay as given.
+    (see :mod:`.codec`); :meth:`keys_values` rotates them back. A decode step (one query) instead attends
+    in the rotated basis, which costs ``O(D^2)`` per query rather than per stored token: the query and the
+    full-precision sink + tail are rotated going in, the output rotated back out, either around the fused
+    kernel or in torch. Sink and tail are stored as given (bit-exact).
     """
 
     def __init__(self, bits: int, group: int, sink: int, window: int, key_axis: str, value_axis: str,
@@ -153,8 +155,9 @@ class QuantStore(KVStore):
         self.fv[:, :, t0 : t0 + rest] = all_v[:, :, nq:]
         self.w = rest
 
-    def _dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every stored slot decoded, ``[B, H, length, D]`` of ``dtype``."""
+    def _dense(self, dtype: torch.dtype, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored slot decoded, ``[B, H, length, D]`` of ``dtype``; ``rotated`` (a rotating store only):
+        in the rotated basis, the middle as stored and the sink and tail rotated."""
         n, s, m = self.length, self.s, self.m
         out = []
         for f, c, sc, zr, axis in ((self.fk, self.ck, self.ks, self.kz, self.key_axis),
@@ -164,8 +167,11 @@ class QuantStore(KVStore):
             if m:
                 rows = self._rows(axis, m)
                 codec.dequantize_into(x[:, :, s : s + m], c[:, :, :m], sc[:, :, :rows], zr[:, :, :rows],
-                                      self.bits, axis, self._g(axis), self.rotate)
+                                      self.bits, axis, self._g(axis), self.rotate and not rotated)
             x[:, :, s + m :] = f[:, :, self.sink : self.sink + self.w]
+            if rotated:
+                x[:, :, :s] = codec.rotate(x[:, :, :s])
+                x[:, :, s + m :] = codec.rotate(x[:, :, s + m :])
             out.append(x)
         return out[0], out[1]
 
@@ -182,7 +188,7 @@ class QuantStore(KVStore):
 
     def stand_ins(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Zero-byte ``[B, H, length, D]`` placeholders when :meth:`attend` will take this decode step."""
-        if self._last_q != 1 or not self._fused_enabled():
+        if self._last_q != 1 or not (self.rotate or self._fused_enabled()):
             return None
         if self._stand_in is None:
             self._stand_in = torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device)
@@ -199,8 +205,10 @@ class QuantStore(KVStore):
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
                ) -> torch.Tensor | None:
         self._fresh = None  # update() has already handed the model its full-precision copy
-        if query.shape[2] != 1 or not self._fused_enabled():
+        if query.shape[2] != 1:
             return None
+        if not self._fused_enabled():
+            return self._attend_rotated_torch(query, attention_mask, scaling) if self.rotate else None
         from . import kernels
 
         if not self.rotate:
@@ -211,6 +219,27 @@ class QuantStore(KVStore):
         view.fk, view.fv = codec.rotate(self.fk), codec.rotate(self.fv)
         out = kernels.decode_attention(view, codec.rotate(query), attention_mask, scaling)
         return None if out is None else codec.rotate(out)
+
+    def _attend_rotated_torch(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+                              ) -> torch.Tensor | None:
+        """One query per head ``[B, Hq, 1, D]`` against the store decoded in the rotated basis (the middle is
+        not rotated back); returns ``[B, 1, Hq, D]``, or ``None`` for a mask of another shape."""
+        b, hq, _, d = query.shape
+        n = self.length
+        if hq % self.h or (attention_mask is not None and (attention_mask.dim() != 4
+                                                           or attention_mask.shape[-1] != n)):
+            return None
+        keys, values = self._dense(query.dtype, rotated=True)
+        q = codec.rotate(query).view(b, self.h, hq // self.h, d)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, Hkv, G, n]
+        if attention_mask is not None:
+            mask = attention_mask[:, :, -1:]  # [B or 1, 1, 1, n]: broadcasts over kv heads and GQA group
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask.float()
+        out = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [B, Hkv, G, D]
+        return codec.rotate(out.reshape(b, 1, hq, d))
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep slots ``index`` ``[B, H, K]``: decode, gather, and re-split into sink / middle / tail.
