@@ -27,12 +27,14 @@ def test_registered_and_builds_compressed_cache():
     assert isinstance(cache.selection, kvcompress.Full) and isinstance(cache.representation, Quant)
 
 
-def test_defaults_group_size_by_bits_and_rotate():
-    for bits, group in ((2, 32), (4, 64), (8, 64)):
+def test_defaults_group_sizes_by_bits_and_rotate():
+    for bits, group in ((2, 16), (4, 64), (8, 64)):
         store = Quant(bits=bits).make_store(0)
-        assert (store.group, store.rotate) == (group, True)
-    store = Quant(bits=2, group_size=16, rotate=False).make_store(0)
-    assert (store.group, store.rotate) == (16, False)
+        assert (store.group, store.channel_group, store.rotate) == (group, 64, True)
+    store = Quant(bits=2, group_size=32, rotate=False).make_store(0)
+    assert (store.group, store.channel_group, store.rotate) == (32, None, False)  # None: follows group
+    store = Quant(bits=4, group_size=32, channel_group=16).make_store(0)
+    assert (store.group, store.channel_group) == (32, 16)
 
 
 def test_short_sequence_equals_full():

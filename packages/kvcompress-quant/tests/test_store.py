@@ -164,3 +164,16 @@ def test_unrotated_store_leaves_cpu_attention_to_sdpa():
     store._last_q = 1
     assert store.stand_ins() is None
     assert store.attend(torch.randn(B, H, 1, D), None, D**-0.5) is None
+
+
+def test_channel_group_separate_from_token_group():
+    store = QuantStore(2, 16, sink=4, window=32, key_axis="channel", value_axis="token", channel_group=64)
+    keys, values = _fill(store, [200])
+    assert (store.group, store.cgroup) == (16, 64)
+    assert store.ks.shape[2:] == (store.cap_m // 16, D) and store.vs.shape[2:] == (store.cap_m, 1)
+    got_k, got_v = store.keys_values()
+    mid = slice(4, 4 + store.m)
+    ref = codec.dequantize(*codec.quantize(values[:, :, mid], 2, "token", 64), 2, "token", 64)
+    assert torch.equal(got_v[:, :, mid], ref)
+    ref = codec.dequantize(*codec.quantize(keys[:, :, mid], 2, "channel", 16), 2, "channel", 16)
+    assert torch.equal(got_k[:, :, mid], ref)

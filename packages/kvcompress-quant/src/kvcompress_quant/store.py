@@ -31,8 +31,9 @@ class QuantStore(KVStore):
     """
 
     def __init__(self, bits: int, group: int, sink: int, window: int, key_axis: str, value_axis: str,
-                 kernel: str = "auto", rotate: bool = False) -> None:
+                 kernel: str = "auto", rotate: bool = False, channel_group: int | None = None) -> None:
         self.bits, self.group, self.sink, self.window = bits, group, sink, window
+        self.channel_group = channel_group  # channels per group on the token axis; None: ``group``
         self.key_axis, self.value_axis, self.kernel = key_axis, value_axis, kernel
         self.rotate = rotate
         self.s = self.m = self.w = 0
@@ -60,13 +61,15 @@ class QuantStore(KVStore):
     def _init(self, keys: torch.Tensor) -> None:
         b, h, _, d = keys.shape
         p = codec.parts(self.bits)
-        if d % self.group and self.group % d and "token" in (self.key_axis, self.value_axis):
+        cg, name = (self.group, "group_size") if self.channel_group is None else (self.channel_group,
+                                                                                  "channel_group")
+        if d % cg and cg % d and "token" in (self.key_axis, self.value_axis):
             allowed = [g for g in range(1, d + 1) if d % g == 0]
             raise ValueError(
-                f"quant: parameter 'group_size' is {self.group}, which does not divide head_dim {d}; "
+                f"quant: parameter '{name}' is {cg}, which does not divide head_dim {d}; "
                 f"allowed: a divisor of {d} ({', '.join(map(str, allowed))}) or a multiple of {d}"
             )
-        self.cgroup = min(self.group, d)  # channels per group on the token axis (at most one row)
+        self.cgroup = min(cg, d)  # channels per group on the token axis (at most one row)
         if d % p:
             raise ValueError(f"quant: parameter 'bits' is {self.bits}: head_dim {d} must be a multiple of "
                              f"{p} to pack {p} codes per byte; allowed: bits=8")
