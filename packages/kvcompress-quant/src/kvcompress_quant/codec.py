@@ -14,7 +14,7 @@ Two grouping axes, as in KIVI (arXiv 2402.02750):
 
 Scales and zero points (the group minimum) are float16: ``x ~= code * scale + zero``.
 
-Optionally (``rotate=True``) the codes encode ``x @ R`` instead of ``x``, with ``R`` = :func:`hadamard`
+Optionally (``rotated=True``) the codes encode ``x @ R`` instead of ``x``, with ``R`` = :func:`hadamard`
 along the channels: an orthonormal, symmetric (so self-inverse) matrix that spreads outlier channels
 over all channels before the low-bit grid is laid, as in QuaRot (arXiv 2404.00456). Decoding multiplies
 by ``R`` again. Scores and outputs can also be computed in the rotated basis: ``(q R) . (k R) = q . k``.
