@@ -27,6 +27,17 @@ def test_registered_and_builds_compressed_cache():
     assert isinstance(cache.selection, kvcompress.Full) and isinstance(cache.representation, Quant)
 
 
+def test_defaults_group_sizes_by_bits_and_rotate():
+    for bits, group, rotate in ((2, 16, True), (4, 64, False), (8, 64, False)):
+        store = Quant(bits=bits).make_store(0)
+        assert (store.group, store.channel_group, store.rotate) == (group, 64, rotate)
+    assert Quant(bits=4, rotate=True).make_store(0).rotate
+    store = Quant(bits=2, group_size=32, rotate=False).make_store(0)
+    assert (store.group, store.channel_group, store.rotate) == (32, None, False)  # None: follows group
+    store = Quant(bits=4, group_size=32, channel_group=16).make_store(0)
+    assert (store.group, store.channel_group) == (32, 16)
+
+
 def test_short_sequence_equals_full():
     """Nothing leaves the full-precision window: logits equal DynamicCache's."""
     model = tiny_model()

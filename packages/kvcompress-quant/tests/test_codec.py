@@ -84,3 +84,53 @@ def test_constant_group_decodes_exactly():
     for axis in ("token", "channel"):
         y = codec.dequantize(*codec.quantize(x, 2, axis, 16), 2, axis, 16)
         assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("d", [16, 64, 128, 96, 80])
+def test_hadamard_is_orthonormal_symmetric_and_self_inverse(d):
+    r = codec.hadamard(d)
+    assert r.shape == (d, d) and r.dtype == torch.float32
+    assert torch.equal(r, r.T)
+    assert torch.allclose(r @ r, torch.eye(d), atol=1e-6)
+    n = d & -d  # block size: the largest power of two dividing d
+    assert torch.equal(r.abs() > 0, torch.block_diag(*[torch.ones(n, n, dtype=torch.bool)] * (d // n)))
+
+
+def test_rotate_round_trips():
+    x = _with_outliers(5)
+    y = codec.rotate(x)
+    assert not torch.allclose(y, x)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)  # orthonormal: norms kept
+    assert torch.allclose(codec.rotate(y), x, rtol=1e-5, atol=1e-3)  # outliers reach ~500 here
+    assert codec.rotate(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_rotated_roundtrip_error_bounds(bits, axis):
+    for seed in range(3):
+        x = _with_outliers(seed)
+        packed, scale, zero = codec.quantize(x, bits, axis, 32, rotated=True)
+        y = codec.dequantize(packed, scale, zero, bits, axis, 32, rotated=True)
+        err = float((y - x).norm() / x.norm())
+        assert err < BOUNDS[bits], (bits, axis, err)
+        # the codes are those of x @ R
+        ref = codec.quantize(x @ codec.hadamard(64), bits, axis, 32)
+        assert torch.equal(packed, ref[0]) and torch.equal(scale, ref[1]) and torch.equal(zero, ref[2])
+
+
+def test_rotation_spreads_an_outlier_channel_for_per_token_groups():
+    x = _with_outliers(11)
+    plain = codec.dequantize(*codec.quantize(x, 2, "token", 64), 2, "token", 64)
+    rot = codec.dequantize(*codec.quantize(x, 2, "token", 64, rotated=True), 2, "token", 64, rotated=True)
+    assert (rot - x).norm() < 0.8 * (plain - x).norm()
+
+
+def test_rotated_dequantize_into_a_view():
+    x = torch.randn(1, 2, 64, 64)
+    packed, scale, zero = codec.quantize(x, 4, "token", 64, rotated=True)
+    buf = torch.zeros(1, 2, 100, 64, dtype=torch.bfloat16)
+    codec.dequantize_into(buf[:, :, 10:74], packed, scale, zero, 4, "token", 64, rotated=True)
+    ref = codec.dequantize(packed, scale, zero, 4, "token", 64, rotated=True)
+    assert torch.equal(buf[:, :, 10:74], ref.to(torch.bfloat16))
+    assert not buf[:, :, :10].any() and not buf[:, :, 74:].any()

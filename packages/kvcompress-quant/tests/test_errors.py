@@ -15,6 +15,8 @@ from kvcompress_quant import Quant, kernels
     ("quant(sink=-2)", r"quant: parameter 'sink' got -2; allowed: int >= 0"),
     ("quant(group_size=0)", r"quant: parameter 'group_size' got 0; allowed: int >= 1"),
     ("quant(key_axis=rows)", r"quant: parameter 'key_axis' got 'rows'; allowed: one of 'channel', 'token'"),
+    ("quant(group_size=-4)", r"quant: parameter 'group_size' got -4; allowed: int >= 1 \(or None\)"),
+    ("quant(channel_group=0)", r"quant: parameter 'channel_group' got 0; allowed: int >= 1 \(or None\)"),
     ("quant(nbits=4)", r"quant: unknown parameter 'nbits'; allowed parameters: bits, group_size"),
 ])
 def test_bad_parameters(spec, pattern):
@@ -25,6 +27,21 @@ def test_bad_parameters(spec, pattern):
 def test_bits_must_be_int():
     with pytest.raises(TypeError, match=r"parameter 'bits' got '4' of type str"):
         Quant(bits="4")
+
+
+def test_channel_group_not_dividing_head_dim_fails_on_first_use():
+    from conftest import tiny_model
+
+    model = tiny_model()  # head_dim 16
+    cache = kvcompress.make_cache("quant(group_size=8,channel_group=6)", model=model)
+    with pytest.raises(ValueError, match=r"'channel_group' is 6, which does not divide head_dim 16; allowed: "
+                                         r"a divisor of 16 \(1, 2, 4, 8, 16\) or a multiple of 16"):
+        model(torch.tensor([[1, 2, 3]]), past_key_values=cache)
+
+
+def test_rotate_must_be_bool():
+    with pytest.raises(TypeError, match=r"quant: parameter 'rotate' got 'random' of type str; allowed: bool"):
+        kvcompress.make_cache("quant(rotate=random)")
 
 
 def test_group_size_not_dividing_head_dim_fails_on_first_use():

@@ -14,8 +14,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _store(bits, key_axis, value_axis, b=2, h=4, d=128, n=3000, dtype=torch.bfloat16, group=64):
-    store = QuantStore(bits, group, sink=4, window=128, key_axis=key_axis, value_axis=value_axis)
+def _store(bits, key_axis, value_axis, b=2, h=4, d=128, n=3000, dtype=torch.bfloat16, group=64,
+           rotate=False):
+    store = QuantStore(bits, group, sink=4, window=128, key_axis=key_axis, value_axis=value_axis,
+                       rotate=rotate)
     g = torch.Generator(device="cuda").manual_seed(bits)
     for q in (n - 70, 1, 1, 68):
         k = torch.randn(b, h, q, d, device="cuda", generator=g, dtype=dtype)
@@ -45,6 +47,19 @@ def test_kernel_matches_dequantize_then_sdpa(bits, axes, mask_kind):
     ref = kernels.reference_attention(store, query, mask, 128**-0.5)
     assert out.shape == (b, 1, 16, 128)
     assert torch.isfinite(out).all()
+    rel = float((out.float() - ref.float()).norm() / ref.float().norm())
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 64), (2, 32), (2, 16)])
+@pytest.mark.parametrize("axes", [("channel", "token"), ("token", "channel")])
+def test_rotated_store_attends_in_the_rotated_basis(bits, group, axes):
+    """attend() rotates the query and the full-precision slots in, and the output back out."""
+    store = _store(bits, *axes, group=group, rotate=True)
+    query = torch.randn(store.b, 16, 1, 128, device="cuda", dtype=torch.bfloat16)
+    out = store.attend(query, None, 128**-0.5)
+    ref = kernels.reference_attention(store, query, None, 128**-0.5)
+    assert out.shape == (store.b, 1, 16, 128)
     rel = float((out.float() - ref.float()).norm() / ref.float().norm())
     assert rel < 1e-2, rel
 

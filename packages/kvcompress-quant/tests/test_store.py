@@ -25,8 +25,9 @@ def _fill(store: QuantStore, sizes, seed=0, dtype=torch.float32):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("axes", [("channel", "token"), ("token", "token"), ("channel", "channel")])
-def test_sink_and_window_bit_exact_middle_quantized(bits, axes):
-    store = QuantStore(bits, 16, sink=4, window=32, key_axis=axes[0], value_axis=axes[1])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_sink_and_window_bit_exact_middle_quantized(bits, axes, rotate):
+    store = QuantStore(bits, 16, sink=4, window=32, key_axis=axes[0], value_axis=axes[1], rotate=rotate)
     keys, values = _fill(store, [7, 1, 1, 50, 1, 1, 1, 3, 100] + [1] * 37, dtype=torch.bfloat16)
     n = keys.shape[2]
     assert store.length == n and store.s == 4 and store.m % 16 == 0 and 32 <= store.w < 32 + 16
@@ -65,8 +66,9 @@ def test_bytes_are_packed(bits):
     assert store.ck.dtype == torch.uint8 and store.ck.shape[-1] == D * bits // 8
 
 
-def test_keep_sliding_whole_groups_is_exact():
-    store = QuantStore(4, 16, sink=4, window=32, key_axis="channel", value_axis="token")
+@pytest.mark.parametrize("rotate", [False, True])
+def test_keep_sliding_whole_groups_is_exact(rotate):
+    store = QuantStore(4, 16, sink=4, window=32, key_axis="channel", value_axis="token", rotate=rotate)
     _fill(store, [200])
     before = store.keys_values()
     n = store.length
@@ -78,8 +80,9 @@ def test_keep_sliding_whole_groups_is_exact():
 
 
 @pytest.mark.parametrize("key_axis", ["channel", "token"])
-def test_keep_arbitrary_rows(key_axis):
-    store = QuantStore(8, 16, sink=4, window=16, key_axis=key_axis, value_axis="token")
+@pytest.mark.parametrize("rotate", [False, True])
+def test_keep_arbitrary_rows(key_axis, rotate):
+    store = QuantStore(8, 16, sink=4, window=16, key_axis=key_axis, value_axis="token", rotate=rotate)
     keys, _values = _fill(store, [150, 1, 1])
     before_k, before_v = store.keys_values()
     n = store.length
@@ -98,8 +101,9 @@ def test_keep_arbitrary_rows(key_axis):
     assert torch.equal(after_k[:, :, -store.w :], before_k.gather(2, gather)[:, :, -store.w :])
 
 
-def test_truncate_and_select_batch():
-    store = QuantStore(4, 16, sink=4, window=16, key_axis="channel", value_axis="token")
+@pytest.mark.parametrize("rotate", [False, True])
+def test_truncate_and_select_batch(rotate):
+    store = QuantStore(4, 16, sink=4, window=16, key_axis="channel", value_axis="token", rotate=rotate)
     _fill(store, [100])
     full_k, _ = store.keys_values()
     store.truncate(30)
@@ -124,3 +128,52 @@ def test_codec_parts_layout_matches_kernel_convention():
     packed = codec.pack(codes, 2)
     # byte j holds channels j, j+4, j+8, j+12 in bits 0-1, 2-3, 4-5, 6-7
     assert packed[0, 1].item() == (1 | 1 << 2 | 1 << 4 | 1 << 6)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotated_decode_attends_in_the_rotated_basis(bits, mask_kind, dtype):
+    """A rotating store's one-query attention (no rotating back of the middle) equals decode-then-sdpa."""
+    from kvcompress_quant import kernels
+
+    store = QuantStore(bits, 16, sink=4, window=32, key_axis="channel", value_axis="token", rotate=True)
+    _fill(store, [150, 1], dtype=dtype)
+    store._last_q = 1
+    assert store.stand_ins() is not None  # update() hands out placeholders; attend() takes the step
+    n = store.length
+    query = torch.randn(B, 2 * H, 1, D).to(dtype)  # GQA: 2 query heads per kv head
+    mask = None
+    if mask_kind:
+        valid = torch.ones(B, n, dtype=torch.bool)
+        valid[1, :20] = False  # left padding of row 1
+        valid[0, 100] = False
+        mask = valid[:, None, None, :]
+        if mask_kind == "float":
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    out = store.attend(query, mask, D**-0.5)
+    ref = kernels.reference_attention(store, query, mask, D**-0.5)
+    assert out.shape == (B, 1, 2 * H, D) and out.dtype == dtype
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+def test_unrotated_store_leaves_cpu_attention_to_sdpa():
+    store = QuantStore(4, 16, sink=4, window=32, key_axis="channel", value_axis="token")
+    _fill(store, [150, 1])
+    store._last_q = 1
+    assert store.stand_ins() is None
+    assert store.attend(torch.randn(B, H, 1, D), None, D**-0.5) is None
+
+
+def test_channel_group_separate_from_token_group():
+    store = QuantStore(2, 16, sink=4, window=32, key_axis="channel", value_axis="token", channel_group=64)
+    keys, values = _fill(store, [200])
+    assert (store.group, store.cgroup) == (16, 64)
+    assert store.ks.shape[2:] == (store.cap_m // 16, D) and store.vs.shape[2:] == (store.cap_m, 1)
+    got_k, got_v = store.keys_values()
+    mid = slice(4, 4 + store.m)
+    ref = codec.dequantize(*codec.quantize(values[:, :, mid], 2, "token", 64), 2, "token", 64)
+    assert torch.equal(got_v[:, :, mid], ref)
+    ref = codec.dequantize(*codec.quantize(keys[:, :, mid], 2, "channel", 16), 2, "channel", 16)
+    assert torch.equal(got_k[:, :, mid], ref)

@@ -13,9 +13,16 @@ Two grouping axes, as in KIVI (arXiv 2402.02750):
   channels get their own range); scales are ``[.., T/G, D]`` and ``T`` is a multiple of ``G``.
 
 Scales and zero points (the group minimum) are float16: ``x ~= code * scale + zero``.
+
+Optionally (``rotated=True``) the codes encode ``x @ R`` instead of ``x``, with ``R`` = :func:`hadamard`
+along the channels: an orthonormal, symmetric (so self-inverse) matrix that spreads outlier channels
+over all channels before the low-bit grid is laid, as in QuaRot (arXiv 2404.00456). Decoding multiplies
+by ``R`` again. Scores and outputs can also be computed in the rotated basis: ``(q R) . (k R) = q . k``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -59,6 +66,28 @@ def unpack(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> 
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 ``[d, d]`` orthonormal, symmetric Hadamard rotation (``R @ R = I``).
+
+    Sylvester's construction when ``d`` is a power of two; otherwise block-diagonal, with blocks of the
+    largest power of two dividing ``d`` (e.g. 3 blocks of 32 for ``d = 96``).
+    """
+    n = d & -d  # largest power of two dividing d
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    h = torch.block_diag(*[h / n**0.5] * (d // n))
+    return h.to(device)
+
+
+def rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ R`` along the last dim (:func:`hadamard`), computed in float32, returned as ``dtype``
+    (default ``x``'s). The rotation is its own inverse, so this also un-rotates."""
+    y = x.float() @ hadamard(x.shape[-1], x.device)
+    return y.to(dtype or x.dtype)
+
+
 def _group_view(x: torch.Tensor, axis: str, group: int) -> torch.Tensor:
     """``[B, H, T, D]`` -> a view with the group as the reduced dim (-2 for channel axis, -1 for token)."""
     if axis == "token":
@@ -66,10 +95,11 @@ def _group_view(x: torch.Tensor, axis: str, group: int) -> torch.Tensor:
     return x.unflatten(-2, (x.shape[-2] // group, group))  # [B, H, T/G, G, D]
 
 
-def quantize(x: torch.Tensor, bits: int, axis: str, group: int
+def quantize(x: torch.Tensor, bits: int, axis: str, group: int, rotated: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` ``[B, H, T, D]``; return packed codes, scale and zero point (see module doc)."""
-    xf = _group_view(x.float(), axis, group)
+    """Quantize ``x`` ``[B, H, T, D]`` (``x @ R`` if ``rotated``); return packed codes, scale and zero point
+    (see module doc)."""
+    xf = _group_view(rotate(x, torch.float32) if rotated else x.float(), axis, group)
     dim = -1 if axis == "token" else -2
     lo = xf.amin(dim=dim, keepdim=True).clamp(-_F16_MAX, _F16_MAX)
     hi = xf.amax(dim=dim, keepdim=True).clamp(-_F16_MAX, _F16_MAX)
@@ -82,8 +112,12 @@ def quantize(x: torch.Tensor, bits: int, axis: str, group: int
 
 
 def dequantize_into(out: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    bits: int, axis: str, group: int) -> torch.Tensor:
-    """Decode packed ``[B, H, T, Dp]`` into ``out`` ``[B, H, T, D]`` (any float dtype, may be a view)."""
+                    bits: int, axis: str, group: int, rotated: bool = False) -> torch.Tensor:
+    """Decode packed ``[B, H, T, Dp]`` into ``out`` ``[B, H, T, D]`` (any float dtype, may be a view);
+    ``rotated`` codes (see :func:`quantize`) are decoded in float32 and rotated back."""
+    if rotated:
+        out.copy_(rotate(dequantize(packed, scale, zero, bits, axis, group, torch.float32)))
+        return out
     unpack(packed, bits, out=out)
     view = _group_view(out, axis, group)
     dim = -1 if axis == "token" else -2
@@ -94,8 +128,8 @@ def dequantize_into(out: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, axis: str,
-               group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               group: int, dtype: torch.dtype = torch.float32, rotated: bool = False) -> torch.Tensor:
     """Decode packed codes into a new ``[B, H, T, D]`` tensor of ``dtype``."""
     shape = (*packed.shape[:-1], packed.shape[-1] * parts(bits))
     out = torch.empty(shape, dtype=dtype, device=packed.device)
-    return dequantize_into(out, packed, scale, zero, bits, axis, group)
+    return dequantize_into(out, packed, scale, zero, bits, axis, group, rotated)

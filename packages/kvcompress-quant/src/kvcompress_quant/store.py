@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from kvcompress import KVStore
@@ -20,12 +22,20 @@ class QuantStore(KVStore):
     Full-precision tokens live in one buffer ``fk``/``fv`` of ``sink + window + group`` slots: the sink
     at ``[0, s)``, the tail at ``[sink, sink + w)``. Once the tail reaches ``window + group`` tokens its
     oldest whole groups are quantized in one go, so quantization runs once per ``group`` decoded tokens.
+
+    With ``rotate`` the middle's codes encode keys and values times the Hadamard rotation ``R``
+    (see :mod:`.codec`); :meth:`keys_values` rotates them back. A decode step (one query) instead attends
+    in the rotated basis, which costs ``O(D^2)`` per query rather than per stored token: the query and the
+    full-precision sink + tail are rotated going in, the output rotated back out, either around the fused
+    kernel or in torch. Sink and tail are stored as given (bit-exact).
     """
 
     def __init__(self, bits: int, group: int, sink: int, window: int, key_axis: str, value_axis: str,
-                 kernel: str = "auto") -> None:
+                 kernel: str = "auto", rotate: bool = False, channel_group: int | None = None) -> None:
         self.bits, self.group, self.sink, self.window = bits, group, sink, window
+        self.channel_group = channel_group  # channels per group on the token axis; None: ``group``
         self.key_axis, self.value_axis, self.kernel = key_axis, value_axis, kernel
+        self.rotate = rotate
         self.s = self.m = self.w = 0
         self.fk: torch.Tensor | None = None
         self.fv: torch.Tensor | None = None
@@ -53,13 +63,15 @@ class QuantStore(KVStore):
     def _init(self, keys: torch.Tensor) -> None:
         b, h, _, d = keys.shape
         p = codec.parts(self.bits)
-        if d % self.group and self.group % d and "token" in (self.key_axis, self.value_axis):
+        cg, name = (self.group, "group_size") if self.channel_group is None else (self.channel_group,
+                                                                                  "channel_group")
+        if d % cg and cg % d and "token" in (self.key_axis, self.value_axis):
             allowed = [g for g in range(1, d + 1) if d % g == 0]
             raise ValueError(
-                f"quant: parameter 'group_size' is {self.group}, which does not divide head_dim {d}; "
+                f"quant: parameter '{name}' is {cg}, which does not divide head_dim {d}; "
                 f"allowed: a divisor of {d} ({', '.join(map(str, allowed))}) or a multiple of {d}"
             )
-        self.cgroup = min(self.group, d)  # channels per group on the token axis (at most one row)
+        self.cgroup = min(cg, d)  # channels per group on the token axis (at most one row)
         if d % p:
             raise ValueError(f"quant: parameter 'bits' is {self.bits}: head_dim {d} must be a multiple of "
                              f"{p} to pack {p} codes per byte; allowed: bits=8")
@@ -93,7 +105,7 @@ class QuantStore(KVStore):
     def _reserve_mid(self, needed: int) -> None:
         if needed <= self.cap_m:
             return
-        grow = max(needed, self.cap_m + max(self.cap_m // 16, 4 * self.group))  # little slack: memory is the point
+        grow = max(needed, self.cap_m + max(self.cap_m // 16, 4 * self.group))  # little slack: memory counts
         if self.cap_hint is not None:
             bound = max(self.cap_hint - self.sink - self.window, needed)
             grow = min(grow, bound)
@@ -106,7 +118,7 @@ class QuantStore(KVStore):
         a, e = self.m, self.m + n
         for x, c, sname, zname, axis in ((keys, self.ck, "ks", "kz", self.key_axis),
                                          (values, self.cv, "vs", "vz", self.value_axis)):
-            packed, scale, zero = codec.quantize(x, self.bits, axis, self._g(axis))
+            packed, scale, zero = codec.quantize(x, self.bits, axis, self._g(axis), self.rotate)
             c[:, :, a:e] = packed
             ra, re = self._rows(axis, a), self._rows(axis, e)
             getattr(self, sname)[:, :, ra:re] = scale
@@ -148,8 +160,9 @@ class QuantStore(KVStore):
         self.fv[:, :, t0 : t0 + rest] = all_v[:, :, nq:]
         self.w = rest
 
-    def _dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every stored slot decoded, ``[B, H, length, D]`` of ``dtype``."""
+    def _dense(self, dtype: torch.dtype, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored slot decoded, ``[B, H, length, D]`` of ``dtype``; ``rotated`` (a rotating store only):
+        in the rotated basis, the middle as stored and the sink and tail rotated."""
         n, s, m = self.length, self.s, self.m
         out = []
         for f, c, sc, zr, axis in ((self.fk, self.ck, self.ks, self.kz, self.key_axis),
@@ -159,8 +172,11 @@ class QuantStore(KVStore):
             if m:
                 rows = self._rows(axis, m)
                 codec.dequantize_into(x[:, :, s : s + m], c[:, :, :m], sc[:, :, :rows], zr[:, :, :rows],
-                                      self.bits, axis, self._g(axis))
+                                      self.bits, axis, self._g(axis), self.rotate and not rotated)
             x[:, :, s + m :] = f[:, :, self.sink : self.sink + self.w]
+            if rotated:
+                x[:, :, :s] = codec.rotate(x[:, :, :s])
+                x[:, :, s + m :] = codec.rotate(x[:, :, s + m :])
             out.append(x)
         return out[0], out[1]
 
@@ -177,7 +193,7 @@ class QuantStore(KVStore):
 
     def stand_ins(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Zero-byte ``[B, H, length, D]`` placeholders when :meth:`attend` will take this decode step."""
-        if self._last_q != 1 or not self._fused_enabled():
+        if self._last_q != 1 or not (self.rotate or self._fused_enabled()):
             return None
         if self._stand_in is None:
             self._stand_in = torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=self.device)
@@ -194,11 +210,41 @@ class QuantStore(KVStore):
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
                ) -> torch.Tensor | None:
         self._fresh = None  # update() has already handed the model its full-precision copy
-        if query.shape[2] != 1 or not self._fused_enabled():
+        if query.shape[2] != 1:
             return None
+        if not self._fused_enabled():
+            return self._attend_rotated_torch(query, attention_mask, scaling) if self.rotate else None
         from . import kernels
 
-        return kernels.decode_attention(self, query, attention_mask, scaling)
+        if not self.rotate:
+            return kernels.decode_attention(self, query, attention_mask, scaling)
+        # the kernel reads the middle's codes as stored (rotated): give it a rotated query and a view of the
+        # store whose full-precision sink + tail are rotated too, then rotate the output back
+        view = copy.copy(self)
+        view.fk, view.fv = codec.rotate(self.fk), codec.rotate(self.fv)
+        out = kernels.decode_attention(view, codec.rotate(query), attention_mask, scaling)
+        return None if out is None else codec.rotate(out)
+
+    def _attend_rotated_torch(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+                              ) -> torch.Tensor | None:
+        """One query per head ``[B, Hq, 1, D]`` against the store decoded in the rotated basis (the middle is
+        not rotated back); returns ``[B, 1, Hq, D]``, or ``None`` for a mask of another shape."""
+        b, hq, _, d = query.shape
+        n = self.length
+        if hq % self.h or (attention_mask is not None and (attention_mask.dim() != 4
+                                                           or attention_mask.shape[-1] != n)):
+            return None
+        keys, values = self._dense(query.dtype, rotated=True)
+        q = codec.rotate(query).view(b, self.h, hq // self.h, d)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, Hkv, G, n]
+        if attention_mask is not None:
+            mask = attention_mask[:, :, -1:]  # [B or 1, 1, 1, n]: broadcasts over kv heads and GQA group
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask.float()
+        out = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [B, Hkv, G, D]
+        return codec.rotate(out.reshape(b, 1, hq, d))
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep slots ``index`` ``[B, H, K]``: decode, gather, and re-split into sink / middle / tail.
