@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from kvcompress.kernels import launch
+from kvcompress.kernels import kernel_mask, launch
 
 try:
     import triton
@@ -331,14 +331,10 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
     hkv = store.h
     if q != 1 or hq % hkv or d & (d - 1) or d < 16 or b != store.b:
         return None
-    mask_kind, mask, smb, sms = 0, query, 0, 0
-    if attention_mask is not None:
-        if attention_mask.dim() != 4 or attention_mask.shape[-1] != store.length:
-            return None
-        mask = attention_mask[:, 0, -1]
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        smb = mask.stride(0) if mask.shape[0] > 1 else 0
-        sms = mask.stride(1)
+    decode_mask = kernel_mask(attention_mask, store.length, query)
+    if decode_mask is None:
+        return None
+    mask_kind, mask, smb, sms = decode_mask
     if not query.is_contiguous():
         query = query.contiguous()
     n_mid, per = _splits(store.m, b * hkv, _sm_count(query.device))

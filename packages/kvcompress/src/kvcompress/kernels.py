@@ -116,14 +116,10 @@ def observed_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
             or not (keys.is_contiguous() and values.is_contiguous() and acc.is_contiguous())
             or acc.dtype != torch.float32 or keys.dtype != query.dtype or reduce not in ("sum", "max")):
         return None
-    mask_kind, mask, smb, sms = 0, query, 0, 0
-    if attention_mask is not None:
-        if attention_mask.dim() != 4 or attention_mask.shape[-1] != n:
-            return None
-        mask = attention_mask[:, 0, -1]
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        smb = mask.stride(0) if mask.shape[0] > 1 else 0
-        sms = mask.stride(1)
+    decode_mask = kernel_mask(attention_mask, n, query)
+    if decode_mask is None:
+        return None
+    mask_kind, mask, smb, sms = decode_mask
     if not query.is_contiguous():
         query = query.contiguous()
     g = hq // hkv
@@ -135,6 +131,21 @@ def observed_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
            (query, keys, values, mask, acc, out, n, cap, acc.shape[2], scaling * LOG2E, smb, sms), consts,
            num_warps=NUM_WARPS)
     return out
+
+
+def kernel_mask(attention_mask: torch.Tensor | None, n: int, dummy: torch.Tensor
+                ) -> tuple[int, torch.Tensor, int, int] | None:
+    """A decode step's mask as a kernel reads it: ``(kind, row, stride_batch, stride_slot)``.
+
+    ``kind`` is 0 (no mask; ``row`` is ``dummy``, never read), 1 (bool, True = attend) or 2 (additive);
+    ``row`` is the last query's ``[B or 1, n]`` row. ``None`` for a mask of another shape.
+    """
+    if attention_mask is None:
+        return 0, dummy, 0, 0
+    if attention_mask.dim() != 4 or attention_mask.shape[-1] != n:
+        return None
+    row = attention_mask[:, 0, -1]
+    return (1 if row.dtype == torch.bool else 2), row, (row.stride(0) if row.shape[0] > 1 else 0), row.stride(1)
 
 
 _COMPILED: dict = {}
