@@ -46,3 +46,26 @@ def test_observed_decode_matches_torch_ops(reduce, mask_kind, dtype):
     torch.testing.assert_close(acc, expected, rtol=1e-3, atol=1e-5)
     if mask_kind:  # padding receives no attention
         assert torch.equal(acc[1, :, :300], before[1, :, :300])
+
+
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_append_pair_writes_exactly_the_new_slots(q, dtype):
+    g = torch.Generator(device="cuda").manual_seed(q)
+    b, h, d, cap, at = 2, 3, 64, 40, 17
+    keys = torch.randn(b, h, cap, d, device="cuda", generator=g).to(dtype)
+    values = torch.randn(b, h, cap, d, device="cuda", generator=g).to(dtype)
+    # as a model hands them over: [B, q, H, D] projections transposed to [B, H, q, D] (not contiguous)
+    new_k = torch.randn(b, q, h, d, device="cuda", generator=g).to(dtype).transpose(1, 2)
+    new_v = torch.randn(b, q, h, d, device="cuda", generator=g).to(dtype).transpose(1, 2)
+    want_k, want_v = keys.clone(), values.clone()
+    want_k[:, :, at : at + q], want_v[:, :, at : at + q] = new_k, new_v
+    assert kernels.append_pair(keys, values, at, new_k, new_v)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+
+
+def test_append_pair_declines_what_it_does_not_cover():
+    keys = torch.zeros(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
+    new = torch.ones(1, 2, 1, 64, device="cuda", dtype=torch.float32)  # another dtype
+    assert not kernels.append_pair(keys, keys.clone(), 0, new, new)
+    assert not keys.any()  # nothing half-written

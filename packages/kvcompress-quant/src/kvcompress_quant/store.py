@@ -7,6 +7,7 @@ import copy
 import torch
 
 from kvcompress import KVStore
+from kvcompress.kernels import append_pair
 
 from . import codec
 
@@ -143,9 +144,10 @@ class QuantStore(KVStore):
             keys, values, q = keys[:, :, take:], values[:, :, take:], q - take
         t0, w = self.sink, self.w
         total = w + q
-        if total < self.window + self.group:  # narrow().copy_(): the decode path, kept cheap on the host
-            self.fk.narrow(2, t0 + w, q).copy_(keys)
-            self.fv.narrow(2, t0 + w, q).copy_(values)
+        if total < self.window + self.group:  # the decode path, kept cheap on the host
+            if not append_pair(self.fk, self.fv, t0 + w, keys, values):
+                self.fk.narrow(2, t0 + w, q).copy_(keys)
+                self.fv.narrow(2, t0 + w, q).copy_(values)
             self.w = total
             return
         nq = (total - self.window) // self.group * self.group

@@ -99,6 +99,40 @@ if AVAILABLE:
             live = tok < n
             tl.store(aptr, tl.load(aptr, mask=live, other=0.0) + col, mask=live)
 
+    @triton.jit(do_not_specialize=["at", "cap", "q", "heads", "stride_b", "stride_h", "stride_t"],
+                do_not_specialize_on_alignment=["SK", "SV"])
+    def _append_pair_kernel(K, V, SK, SV, at, cap, q, heads, stride_b, stride_h, stride_t, D: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        bh = r // q
+        t = r % q
+        src = (bh // heads) * stride_b + (bh % heads) * stride_h + t * stride_t + tl.arange(0, D)
+        dst = (bh * cap + at + t) * D + tl.arange(0, D)
+        tl.store(K + dst, tl.load(SK + src))
+        tl.store(V + dst, tl.load(SV + src))
+
+
+APPEND_MAX = 32  # appends of up to this many tokens take the kernel (a decode step's one token, mostly)
+
+
+def append_pair(keys: torch.Tensor, values: torch.Tensor, at: int, new_keys: torch.Tensor,
+                new_values: torch.Tensor) -> bool:
+    """Write ``new_keys``/``new_values`` ``[B, H, q, D]`` into slots ``at .. at+q`` of the contiguous
+    buffers ``keys``/``values`` ``[B, H, cap, D]`` with one kernel launch (two ``copy_`` calls cost
+    twice the host time, and a decode step is bound by it). Returns ``False``, having written nothing,
+    where the kernel does not apply (no Triton or GPU, other shapes): the caller then copies.
+    """
+    b, h, q, d = new_keys.shape
+    if (not (AVAILABLE and ENABLED) or (keys.device.type != "cuda" and not INTERPRET) or q > APPEND_MAX
+            or d & (d - 1) or new_keys.dtype != keys.dtype or new_values.dtype != keys.dtype):
+        return False
+    stride = new_keys.stride()
+    if stride[3] != 1 or new_values.stride() != stride or not (keys.is_contiguous() and values.is_contiguous()):
+        return False
+    launch(_append_pair_kernel, (b * h * q,), (keys.device, keys.dtype, d, "append"),
+           (keys, values, new_keys, new_values, at, keys.shape[2], q, h, stride[0], stride[1], stride[2]),
+           dict(D=d), num_warps=1)
+    return True
+
 
 def observed_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
                     attention_mask: torch.Tensor | None, scaling: float, acc: torch.Tensor, reduce: str
@@ -149,6 +183,8 @@ def kernel_mask(attention_mask: torch.Tensor | None, n: int, dummy: torch.Tensor
 
 
 _COMPILED: dict = {}
+DIRECT_TRITON = ("3.6.",)  # Triton versions whose C launcher `_direct` calls (checked on an H100)
+_HOOKS = getattr(getattr(triton, "knobs", None), "runtime", None)  # Triton's launch hooks (profilers)
 
 
 def launch(kernel, grid: tuple, key: tuple, args: tuple, consts: dict, **options) -> None:
@@ -157,11 +193,51 @@ def launch(kernel, grid: tuple, key: tuple, args: tuple, consts: dict, **options
     ``kernel[grid](...)`` binds and specialises every argument and looks its cache up on every call:
     tens of microseconds of host time, per layer and token. The compiled kernel that call returns is
     kept under ``key``, which must hold everything the kernel is specialised on (constexprs, dtypes,
-    options); integer arguments should be ``do_not_specialize`` and possibly unaligned pointers
-    ``do_not_specialize_on_alignment``.
+    options, device); integer arguments should be ``do_not_specialize`` and possibly unaligned pointers
+    ``do_not_specialize_on_alignment``. Later calls go straight to Triton's C launcher (see
+    :func:`_direct`) unless a launch hook (a profiler) is set.
     """
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = kernel[grid](*args, **consts, **options)
+    hit = _COMPILED.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **consts, **options)
+        if compiled is not None:  # None under Triton's interpreter: every call goes through kernel[grid]
+            _COMPILED[key] = (compiled, _direct(compiled, args[0].device))
+        return
+    compiled, direct = hit
+    grid = (*grid, 1, 1)
+    if direct is None or _HOOKS.launch_enter_hook is not None or _HOOKS.launch_exit_hook is not None:
+        compiled[grid[:3]](*args, *consts.values())
     else:
-        compiled[(*grid, 1, 1)[:3]](*args, *consts.values())
+        direct(grid, args, consts)
+
+
+def is_compiled(key: tuple) -> bool:
+    """Whether :func:`launch` has compiled a kernel under ``key`` (later calls may pass a tensor that
+    does not change as its ``data_ptr()``, sparing the launcher a driver query per argument)."""
+    return key in _COMPILED
+
+
+def _direct(compiled, device: torch.device):
+    """``launch(grid, args, consts)`` calling ``compiled``'s C launcher with the arguments Triton's own
+    per-call wrapper would pass (current stream, no scratch, no hooks), or ``None`` where this Triton
+    does not expose them (then every call takes the wrapper) or the kernel needs scratch memory.
+    The C launcher's positional arguments are Triton's internals: used on the versions checked against
+    (``DIRECT_TRITON``) only."""
+    if device.type != "cuda" or _HOOKS is None or not triton.__version__.startswith(DIRECT_TRITON):
+        return None
+    try:
+        compiled._init_handles()
+        run = compiled.run
+        c_launch, function, meta = run.launch, compiled.function, compiled.packed_metadata
+        coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+    except AttributeError:
+        return None
+    stream_of, index = torch._C._cuda_getCurrentRawStream, device.index or 0
+
+    def direct(grid: tuple, args: tuple, consts: dict) -> None:
+        c_launch(grid[0], grid[1], grid[2], stream_of(index), function, coop, pdl, None, None, meta, None,
+                 None, None, *args, *consts.values())
+
+    return direct

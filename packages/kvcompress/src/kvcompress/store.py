@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from . import kernels
 from .buffers import SlotBuffer
 
 
@@ -78,7 +79,12 @@ class DenseStore(KVStore):
         return self.buf.length
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, cap: int | None = None) -> None:
-        self.buf.append(cap=cap, keys=keys, values=values)
+        buf, q = self.buf, keys.shape[2]
+        if buf.tensors and buf.length + q <= buf.capacity and kernels.append_pair(
+                buf.tensors["keys"], buf.tensors["values"], buf.length, keys, values):
+            buf.length += q  # a decode step on the GPU: one launch writes both
+            return
+        buf.append(cap=cap, keys=keys, values=values)
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.buf.view("keys"), self.buf.view("values")
