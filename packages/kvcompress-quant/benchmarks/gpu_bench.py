@@ -137,33 +137,34 @@ def kernel_bench():
         del k, v, sdpa
         store = random_store(4, "channel", "token", b, hkv, n)
         best = None
-        variants = ((True, 64, 2, 256, 2, 4), (True, 64, 2, 256, 3, 4), (True, 64, 4, 256, 3, 4),
-                    (True, 64, 4, 128, 3, 8), (True, 64, 2, 128, 3, 8), (True, 64, 2, 64, 3, 16),
-                    (True, 32, 2, 64, 3, 16), (True, 64, 1, 128, 3, 8), (True, 64, 4, 256, 4, 4),
-                    (True, 64, 2, 64, 2, 32))
-        for fast, bn, nw, smin, stages, per_sm in variants:
-            kernels.PIECES, kernels.BLOCK_N, kernels.NUM_WARPS, kernels.SPLIT_MIN = fast, bn, nw, smin
-            kernels.NUM_STAGES, kernels.SPLITS_PER_SM = stages, per_sm
+        base = dict(PIECES=True, BLOCK_N=64, NUM_WARPS=4, SPLIT_MIN=128, NUM_STAGES=3, SPLITS_PER_SM=8,
+                    CONV=2, MERGE_CHUNK=32)
+        variants = [dict(base, CONV=0, MERGE_CHUNK=0), dict(base, CONV=1, MERGE_CHUNK=0),
+                    dict(base, MERGE_CHUNK=0), base, dict(base, NUM_WARPS=8), dict(base, NUM_STAGES=2),
+                    dict(base, SPLITS_PER_SM=4), dict(base, SPLITS_PER_SM=16),
+                    dict(base, BLOCK_N=32, SPLIT_MIN=64)]
+        for variant in variants:
+            for name, value in variant.items():
+                setattr(kernels, name, value)
 
             def fused(store=store, q=q):
                 return kernels.decode_attention(store, q, None, d**-0.5)
 
             t = triton.testing.do_bench(fused, warmup=50, rep=300, return_mode="median")
             tg = graph_ms(fused)
-            emit(test="kernel_variant", batch=b, pieces=fast, block_n=bn, num_warps=nw, split_min=smin,
-                 num_stages=stages, splits_per_sm=per_sm, ms=t, graph_ms=tg)
+            emit(test="kernel_variant", batch=b, **{k.lower(): v for k, v in variant.items()}, ms=t,
+                 graph_ms=tg)
             if best is None or tg < best[0]:
-                best = (tg, t, bn, nw, smin, fast, stages, per_sm)
-        (kernels.BLOCK_N, kernels.NUM_WARPS, kernels.SPLIT_MIN, kernels.PIECES, kernels.NUM_STAGES,
-         kernels.SPLITS_PER_SM) = best[2:]
+                best = (tg, t, variant)
+        for name, value in best[2].items():
+            setattr(kernels, name, value)
         gb = store.nbytes() / 1e9
         bf16_gb = 2 * b * hkv * n * d * 2 / 1e9
         emit(test="decode_attention_32k", batch=b, sdpa_bf16_ms=sdpa_ms, sdpa_bf16_graph_ms=sdpa_graph,
              int4_fused_ms=best[1], int4_fused_graph_ms=best[0], speedup_graph=sdpa_graph / best[0],
              speedup_launch_included=sdpa_ms / best[1], int4_store_GB=gb, int4_GBps=gb / best[0] * 1e3,
              bf16_GB=bf16_gb, bf16_GBps=bf16_gb / sdpa_graph * 1e3,
-             config=dict(block_n=best[2], num_warps=best[3], split_min=best[4], pieces=best[5],
-                         num_stages=best[6], splits_per_sm=best[7]))
+             config={k.lower(): v for k, v in best[2].items()})
         del store
         torch.cuda.empty_cache()
 

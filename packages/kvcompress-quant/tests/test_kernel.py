@@ -51,6 +51,22 @@ def test_kernel_matches_dequantize_then_sdpa(bits, axes, mask_kind):
     assert rel < 1e-2, rel
 
 
+@pytest.mark.parametrize("merge_chunk", [0, 32, 7])
+@pytest.mark.parametrize("conv", [0, 2])
+def test_merge_and_code_conversion_modes_agree(monkeypatch, merge_chunk, conv):
+    """The merge in the last split (chunks of any size) or as a second launch, and either decode of the
+    packed codes: the same output, over more splits than one merge chunk."""
+    monkeypatch.setattr(kernels, "MERGE_CHUNK", merge_chunk)
+    monkeypatch.setattr(kernels, "CONV", conv)
+    store = _store(4, "channel", "token", b=1, h=2, n=20000)
+    assert kernels._splits(store.m, 2, kernels._sm_count(store.device))[0] > max(merge_chunk, 1)
+    query = torch.randn(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):  # the second launch reuses the arrival counts the first reset
+        out = kernels.decode_attention(store, query, None, 128**-0.5)
+        ref = kernels.reference_attention(store, query, None, 128**-0.5)
+        assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+
+
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 64), (2, 32), (2, 16)])
 @pytest.mark.parametrize("axes", [("channel", "token"), ("token", "channel")])
 def test_rotated_store_attends_in_the_rotated_basis(bits, group, axes):

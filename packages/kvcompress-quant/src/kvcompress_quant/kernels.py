@@ -3,9 +3,9 @@
 One program per (sequence split, batch row, kv head) attends all the query heads
 of that kv head (GQA) to its slice of the tokens: the quantized middle is read as
 packed bytes and decoded in registers (never a dequantized copy in memory), the
-full-precision sink + tail form one more split. A second small kernel merges the
-splits' partial softmax states. Triton is optional: without it ``AVAILABLE`` is
-False and the store falls back to dequantize-then-sdpa.
+full-precision sink + tail form one more split. The last split of each (batch row, kv head)
+to finish merges the splits' partial softmax states, so a decode step is one launch. Triton
+is optional: without it ``AVAILABLE`` is False and the store falls back to dequantize-then-sdpa.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from kvcompress.kernels import kernel_mask, launch
+from kvcompress.kernels import is_compiled, kernel_mask, launch
 
 try:
     import triton
@@ -34,9 +34,39 @@ NUM_WARPS = 4
 SPLIT_MIN = 128  # fewest tokens per split of the middle
 SPLITS_PER_SM = 8  # aim for this many programs per SM
 NUM_STAGES = 3  # the best of a sweep on an H100 (gpu_bench.py kernel)
+MERGE_CHUNK = 32  # splits merged at a time by the last split to finish (0: a second launch merges)
 LOG2E = 1.4426950408889634
+CONV = 2  # codes to fp16: 0 int-to-float conversion, 1 bit trick in Triton, 2 bit trick in PTX
+
+
+
+def _codes_ptx(bits: int, shift: int) -> str:
+    """PTX turning 4 packed bytes into 4 fp16 codes (the ``bits`` at ``shift``), exactly.
+
+    Each byte goes to a 16-bit half, ``lop3`` keeps the code's bits and ORs in 0x6400 (fp16 1024; the
+    code lands in the mantissa as ``code << shift``), one ``fma`` scales by ``2**-shift`` and subtracts
+    1024: three integer and one half2 op per two codes instead of an int-to-float conversion each.
+    """
+    mask = ((1 << bits) - 1) << shift
+    scale = (15 - shift) << 10  # fp16 2**-shift
+    offset = 0x8000 | ((25 - shift) << 10)  # fp16 -1024 * 2**-shift
+    pair = lambda h: f"0x{h:04x}{h:04x}"  # noqa: E731
+    return (f"{{ .reg .b32 t0, t1, s, o;\n"
+            f"prmt.b32 t0, $2, $2, 0x0100;\nprmt.b32 t1, $2, $2, 0x0302;\n"
+            f"lop3.b32 t0, t0, {pair(mask)}, 0x64006400, 0xEA;\n"
+            f"lop3.b32 t1, t1, {pair(mask)}, 0x64006400, 0xEA;\n"
+            f"mov.b32 s, {pair(scale)};\nmov.b32 o, {pair(offset)};\n"
+            f"fma.rn.f16x2 $0, t0, s, o;\nfma.rn.f16x2 $1, t1, s, o; }}")
+
 
 if AVAILABLE:
+    _ASM_8 = tl.constexpr(_codes_ptx(8, 0))
+    _ASM_4_0 = tl.constexpr(_codes_ptx(4, 0))
+    _ASM_4_4 = tl.constexpr(_codes_ptx(4, 4))
+    _ASM_2_0 = tl.constexpr(_codes_ptx(2, 0))
+    _ASM_2_2 = tl.constexpr(_codes_ptx(2, 2))
+    _ASM_2_4 = tl.constexpr(_codes_ptx(2, 4))
+    _ASM_2_6 = tl.constexpr(_codes_ptx(2, 6))
 
     @triton.jit
     def _online(q, k, v, valid, bias, m_i, l_i, acc, qk_scale, DOT_F32: tl.constexpr):
@@ -66,32 +96,54 @@ if AVAILABLE:
         return valid, bias
 
     @triton.jit
-    def _piece(C, cbase, tok, valid, J: tl.constexpr, W: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
+    def _piece(C, cbase, tok, valid, J: tl.constexpr, W: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
+               CONV: tl.constexpr = 0):
         """Codes of piece ``J`` (channels ``J*W .. J*W+W``) of a tile, as fp16 ``[BLOCK_N, W]``."""
         offs_w = tl.arange(0, W)
         x = tl.load(C + cbase + tok[:, None] * DP + ((J * W) % DP + offs_w)[None, :], mask=valid[:, None],
                     other=0)
+        SHIFT: tl.constexpr = (J * W) // DP * BITS
+        if CONV == 1:  # 0x6400 | code is the fp16 1024 + code: bit operations, no int-to-float conversion
+            y = ((x >> SHIFT) & ((1 << BITS) - 1)).to(tl.int16) | 0x6400
+            return y.to(tl.float16, bitcast=True) - 1024.0
+        if CONV == 2:
+            return _codes_asm(x, BITS, SHIFT)
         if BITS < 8:
-            x = (x >> ((J * W) // DP * BITS)) & ((1 << BITS) - 1)
+            x = (x >> SHIFT) & ((1 << BITS) - 1)
         return x.to(tl.float16)
 
     @triton.jit
+    def _codes_asm(x, BITS: tl.constexpr, SHIFT: tl.constexpr):
+        """fp16 codes of the ``BITS`` bits at ``SHIFT`` of each byte of ``x``: four bytes per PTX block."""
+        if BITS == 8:
+            asm: tl.constexpr = _ASM_8
+        elif SHIFT == 0:
+            asm: tl.constexpr = _ASM_4_0 if BITS == 4 else _ASM_2_0
+        elif SHIFT == 2:
+            asm: tl.constexpr = _ASM_2_2
+        elif SHIFT == 4:
+            asm: tl.constexpr = _ASM_4_4 if BITS == 4 else _ASM_2_4
+        else:
+            asm: tl.constexpr = _ASM_2_6
+        return tl.inline_asm_elementwise(asm, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+
+    @triton.jit
     def _piece_qk(q, CK, KS, KZ, cbase, krow, tok, valid, J: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
-                  BITS: tl.constexpr):
+                  BITS: tl.constexpr, CONV: tl.constexpr):
         """Scores of piece ``J`` of a tile: ``(q * ks) . codes`` and ``q . kz`` (one key group per tile)."""
         offs_w = tl.arange(0, W)
         ks = tl.load(KS + krow + J * W + offs_w).to(tl.float32)
         kz = tl.load(KZ + krow + J * W + offs_w).to(tl.float32)
-        x = _piece(CK, cbase, tok, valid, J, W, DP, BITS)
+        x = _piece(CK, cbase, tok, valid, J, W, DP, BITS, CONV)
         return tl.dot((q * ks[None, :]).to(tl.float16), tl.trans(x)), tl.sum(q * kz[None, :], 1)
 
     @triton.jit
     def _piece_pv(acc, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, J: tl.constexpr, W: tl.constexpr,
-                  DP: tl.constexpr, BITS: tl.constexpr, GC: tl.constexpr):
+                  DP: tl.constexpr, BITS: tl.constexpr, GC: tl.constexpr, CONV: tl.constexpr):
         """``acc`` rescaled plus ``p @ values`` of piece ``J``: token value scales fold into ``p``."""
         vs = tl.load(VS + vrow + (J * W) // GC, mask=valid, other=0.0).to(tl.float32)
         vz = tl.load(VZ + vrow + (J * W) // GC, mask=valid, other=0.0).to(tl.float32)
-        x = _piece(CV, cbase, tok, valid, J, W, DP, BITS)
+        x = _piece(CV, cbase, tok, valid, J, W, DP, BITS, CONV)
         pv = tl.dot((p * vs[None, :]).to(tl.float16), x)
         return acc * alpha[:, None] + pv + tl.sum(p * vz[None, :], 1)[:, None]
 
@@ -109,12 +161,12 @@ if AVAILABLE:
     @triton.jit(do_not_specialize=["s_len", "m_len", "w_len", "cap_m", "split_tokens", "n_mid_splits",
                                    "stride_mb", "stride_ms"], do_not_specialize_on_alignment=["Q", "M"])
     def _split_kernel(
-        Q, FK, FV, CK, CV, KS, KZ, VS, VZ, M, PM, PL, PA,
+        Q, FK, FV, CK, CV, KS, KZ, VS, VZ, M, PM, PL, PA, Out, LOCK,
         s_len, m_len, w_len, cap_m, split_tokens, n_mid_splits, qk_scale, stride_mb, stride_ms,
         HKV: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         GT: tl.constexpr, GC: tl.constexpr, K_TOKEN: tl.constexpr, V_TOKEN: tl.constexpr, CAPF: tl.constexpr,
         SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-        PIECES: tl.constexpr, W: tl.constexpr,
+        PIECES: tl.constexpr, W: tl.constexpr, CONV: tl.constexpr, MERGE_CHUNK: tl.constexpr,
     ):
         # Every store tensor is contiguous, so strides follow from the shapes: codes [B, HKV, cap_m, DP],
         # scales [B, HKV, cap_m // GT, D] (per channel) or [B, HKV, cap_m, D // GC] (per token),
@@ -161,25 +213,28 @@ if AVAILABLE:
                 tok = start + n0 + offs_n
                 valid = tok < m_len
                 krow = kbase + (start + n0) // GT * D
-                s, z = _piece_qk(q0, CK, KS, KZ, cbase, krow, tok, valid, 0, W, DP, BITS)
+                s, z = _piece_qk(q0, CK, KS, KZ, cbase, krow, tok, valid, 0, W, DP, BITS, CONV)
                 if NP > 1:
-                    s1, z1 = _piece_qk(q1, CK, KS, KZ, cbase, krow, tok, valid, 1, W, DP, BITS)
+                    s1, z1 = _piece_qk(q1, CK, KS, KZ, cbase, krow, tok, valid, 1, W, DP, BITS, CONV)
                     s += s1
                     z += z1
                 if NP > 2:
-                    s2, z2 = _piece_qk(q2, CK, KS, KZ, cbase, krow, tok, valid, 2, W, DP, BITS)
-                    s3, z3 = _piece_qk(q3, CK, KS, KZ, cbase, krow, tok, valid, 3, W, DP, BITS)
+                    s2, z2 = _piece_qk(q2, CK, KS, KZ, cbase, krow, tok, valid, 2, W, DP, BITS, CONV)
+                    s3, z3 = _piece_qk(q3, CK, KS, KZ, cbase, krow, tok, valid, 3, W, DP, BITS, CONV)
                     s += s2 + s3
                     z += z2 + z3
                 valid, bias = _mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
                 p, alpha, m_i, l_i = _softmax_step(s + z[:, None], valid, bias, m_i, l_i, qk_scale)
                 vrow = vbase + tok * NGC
-                a0 = _piece_pv(a0, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 0, W, DP, BITS, GC)
+                a0 = _piece_pv(a0, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 0, W, DP, BITS, GC, CONV)
                 if NP > 1:
-                    a1 = _piece_pv(a1, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 1, W, DP, BITS, GC)
+                    a1 = _piece_pv(a1, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 1, W, DP, BITS, GC,
+                                   CONV)
                 if NP > 2:
-                    a2 = _piece_pv(a2, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 2, W, DP, BITS, GC)
-                    a3 = _piece_pv(a3, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 3, W, DP, BITS, GC)
+                    a2 = _piece_pv(a2, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 2, W, DP, BITS, GC,
+                                   CONV)
+                    a3 = _piece_pv(a3, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 3, W, DP, BITS, GC,
+                                   CONV)
             tl.store(PA + row[:, None] * D + offs_w[None, :], a0, mask=hmask[:, None])
             if NP > 1:
                 tl.store(PA + row[:, None] * D + (W + offs_w)[None, :], a1, mask=hmask[:, None])
@@ -233,9 +288,18 @@ if AVAILABLE:
             tl.store(PA + row[:, None] * D + offs_d[None, :], acc, mask=hmask[:, None])
         tl.store(PM + row, m_i, mask=hmask)
         tl.store(PL + row, l_i, mask=hmask)
+        # The last split of this (batch row, kv head) to finish merges every split's partial state into
+        # Out (no second launch): the CTA's stores, a barrier, then one acq_rel atomic count per program.
+        if MERGE_CHUNK > 0:
+            tl.debug_barrier()
+            if tl.atomic_add(LOCK + bh, 1, sem="acq_rel", scope="gpu") == ns - 1:
+                for g in range(GQA):
+                    _merge_row(PM, PL, PA, Out, bh * GQA + g, ns, D, MERGE_CHUNK)
+                tl.store(LOCK + bh, 0)  # ready for the next launch (stream order)
 
     @triton.jit(do_not_specialize=["ns"])
     def _merge_kernel(PM, PL, PA, Out, ns, D: tl.constexpr, NS_P2: tl.constexpr):
+        """The merge as a second launch (``MERGE_CHUNK = 0``): one program per output row."""
         r = tl.program_id(0)
         offs_s = tl.arange(0, NS_P2)
         offs_d = tl.arange(0, D)
@@ -249,6 +313,32 @@ if AVAILABLE:
         denom = tl.sum(w * l_, 0)
         denom = tl.where(denom == 0.0, 1.0, denom)
         out = tl.sum(w[:, None] * acc, 0) / denom
+        tl.store(Out + r * D + offs_d, out.to(Out.dtype.element_ty))
+
+    @triton.jit
+    def _merge_row(PM, PL, PA, Out, r, ns, D: tl.constexpr, CHUNK: tl.constexpr):
+        """Out row ``r``: the splits' partial softmax states combined, ``CHUNK`` splits at a time. The
+        loads bypass L1 (``.cg``): other SMs wrote these partials."""
+        offs_c = tl.arange(0, CHUNK)
+        offs_d = tl.arange(0, D)
+        m_run = tl.full([1], float("-inf"), tl.float32)
+        l_run = tl.zeros([1], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for s0 in range(0, ns, CHUNK):
+            smask = s0 + offs_c < ns
+            at = r * ns + s0 + offs_c
+            m = tl.load(PM + at, mask=smask, other=float("-inf"), cache_modifier=".cg")
+            part_l = tl.load(PL + at, mask=smask, other=0.0, cache_modifier=".cg")
+            part = tl.load(PA + at[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0,
+                           cache_modifier=".cg")
+            m_new = tl.maximum(m_run, tl.max(m, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            keep = tl.exp2(m_run - m_safe)
+            w = tl.exp2(m - m_safe)
+            l_run = l_run * keep + tl.sum(w * part_l, 0)
+            acc = acc * keep + tl.sum(w[:, None] * part, 0)
+            m_run = m_new
+        out = acc / tl.where(l_run == 0.0, 1.0, l_run)
         tl.store(Out + r * D + offs_d, out.to(Out.dtype.element_ty))
 
 
@@ -290,35 +380,59 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[device]
 
 
-def _workspace(device: torch.device, rows: int, ns: int, d: int) -> tuple[torch.Tensor, ...]:
-    """Partial softmax states of the splits; shared by every layer (one stream runs them in order)."""
-    key = (device, rows, ns, d)
+def _workspace(device: torch.device, b_hkv: int, gqa: int, ns: int, d: int) -> tuple[torch.Tensor, ...]:
+    """The splits' partial softmax states and the per-(batch row, kv head) arrival counts (zero between
+    launches); shared by every layer (one stream runs them in order)."""
+    key = (device, b_hkv, gqa, ns, d)
     work = _WORK.get(key)
     if work is None:
         if len(_WORK) > 64:
             _WORK.clear()
-        pm = torch.empty((rows, ns), dtype=torch.float32, device=device)
-        work = _WORK[key] = (pm, torch.empty_like(pm), torch.empty((rows, ns, d), dtype=torch.float32,
-                                                                   device=device))
+        pm = torch.empty((b_hkv * gqa, ns), dtype=torch.float32, device=device)
+        work = _WORK[key] = (pm, torch.empty_like(pm), torch.empty((b_hkv * gqa, ns, d), dtype=torch.float32,
+                                                                   device=device),
+                             torch.zeros(b_hkv, dtype=torch.int32, device=device))
     return work
 
 
-def _constants(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> tuple[dict, tuple]:
-    """The split kernel's constexprs (in signature order) and launch key, cached on the store."""
-    cache_key = (query.shape[1], query.dtype, mask.dtype, mask_kind, PIECES, BLOCK_N, NUM_WARPS, NUM_STAGES)
-    hit = store.launch_cache.get(cache_key)
-    if hit is None:
-        hq, d, hkv = query.shape[1], query.shape[3], store.h
-        width = _piece_width(store, query.dtype)
-        consts = dict(
-            HKV=hkv, GQA=hq // hkv, BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)), D=d, BITS=store.bits,
-            GT=store.group, GC=store.cgroup, K_TOKEN=store.key_axis == "token",
-            V_TOKEN=store.value_axis == "token", CAPF=store.fk.shape[2], SINK=store.sink, MASK_KIND=mask_kind,
-            BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, PIECES=width > 0, W=max(16, width),
-        )
-        key = (query.device, query.dtype, store.dtype, mask.dtype, NUM_WARPS, NUM_STAGES, *consts.values())
-        hit = store.launch_cache[cache_key] = (consts, key)
-    return hit
+_STORE_TENSORS = ("fk", "fv", "ck", "cv", "ks", "kz", "vs", "vz")
+
+
+def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> tuple:
+    """What a decode step launches with, except what changes every step, cached on the store until its
+    middle grows (every ``group`` tokens), its tensors move, or the query, mask or tunables change.
+
+    Once the kernel is compiled, the store's and the workspace's tensors go to the launcher as data
+    pointers: a tensor argument costs the launcher a ``data_ptr()`` call and a driver query per launch.
+    """
+    b, hq, _, d = query.shape
+    signature = (store.m, b, hq, query.dtype, mask.dtype, mask_kind, PIECES, BLOCK_N, NUM_WARPS, NUM_STAGES,
+                 SPLIT_MIN, SPLITS_PER_SM, CONV, MERGE_CHUNK, id(store.fk), id(store.fv), id(store.ck),
+                 id(store.cv), id(store.ks), id(store.kz), id(store.vs), id(store.vz))
+    hit = store.launch_cache.get("plan")
+    if hit is not None and hit[0] == signature and (hit[1][4] or not is_compiled(hit[1][1])):
+        return hit[1]
+    hkv = store.h
+    width = _piece_width(store, query.dtype)
+    consts = dict(
+        HKV=hkv, GQA=hq // hkv, BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)), D=d, BITS=store.bits,
+        GT=store.group, GC=store.cgroup, K_TOKEN=store.key_axis == "token",
+        V_TOKEN=store.value_axis == "token", CAPF=store.fk.shape[2], SINK=store.sink, MASK_KIND=mask_kind,
+        BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, PIECES=width > 0, W=max(16, width),
+        CONV=0 if INTERPRET else CONV, MERGE_CHUNK=MERGE_CHUNK,
+    )  # MERGE_CHUNK 0: the merge runs as a second launch
+    key = (query.device, query.dtype, store.dtype, mask.dtype, NUM_WARPS, NUM_STAGES, *consts.values())
+    n_mid, per = _splits(store.m, b * hkv, _sm_count(query.device))
+    pm, pl, pa, lock = _workspace(query.device, b * hkv, hq // hkv, n_mid + 1, d)
+    tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock)
+    fast = is_compiled(key)
+    if fast:  # pointers as ints; the plan holds the tensors, so their ids stay theirs while it lives
+        args = tuple(t.data_ptr() for t in tensors)
+    else:
+        args = tensors
+    plan = ((n_mid + 1, b * hkv), key, consts, (n_mid, per), fast, args, tensors)
+    store.launch_cache["plan"] = (signature, plan)
+    return plan
 
 
 def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
@@ -328,8 +442,7 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
     Returns ``None`` (use the dense path) for shapes the kernel does not cover.
     """
     b, hq, q, d = query.shape
-    hkv = store.h
-    if q != 1 or hq % hkv or d & (d - 1) or d < 16 or b != store.b:
+    if q != 1 or hq % store.h or d & (d - 1) or d < 16 or b != store.b:
         return None
     decode_mask = kernel_mask(attention_mask, store.length, query)
     if decode_mask is None:
@@ -337,18 +450,16 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
     mask_kind, mask, smb, sms = decode_mask
     if not query.is_contiguous():
         query = query.contiguous()
-    n_mid, per = _splits(store.m, b * hkv, _sm_count(query.device))
-    ns = n_mid + 1
-    pm, pl, pa = _workspace(query.device, b * hq, ns, d)
+    grid, key, consts, (n_mid, per), _, a, t = _plan(store, query, mask, mask_kind)
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
-    consts, key = _constants(store, query, mask, mask_kind)
-    launch(_split_kernel, (ns, b * hkv), key, (
-        query, store.fk, store.fv, store.ck, store.cv, store.ks, store.kz, store.vs, store.vz, mask,
-        pm, pl, pa, store.s, store.m, store.w, store.cap_m, per, n_mid, scaling * LOG2E, smb, sms,
+    launch(_split_kernel, grid, key, (
+        query, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], mask, a[8], a[9], a[10], out, a[11],
+        store.s, store.m, store.w, store.cap_m, per, n_mid, scaling * LOG2E, smb, sms,
     ), consts, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    consts = dict(D=d, NS_P2=max(2, triton.next_power_of_2(ns)))
-    key = (query.device, out.dtype, *consts.values())
-    launch(_merge_kernel, (b * hq,), key, (pm, pl, pa, out, ns), consts)
+    if not MERGE_CHUNK:
+        merge = dict(D=d, NS_P2=max(2, triton.next_power_of_2(grid[0])))
+        launch(_merge_kernel, (b * hq,), (query.device, query.dtype, "merge", *merge.values()),
+               (t[8], t[9], t[10], out, grid[0]), merge)
     return out
 
 
