@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -398,7 +399,18 @@ def _workspace(device: torch.device, b_hkv: int, gqa: int, ns: int, d: int) -> t
 _STORE_TENSORS = ("fk", "fv", "ck", "cv", "ks", "kz", "vs", "vz")
 
 
-def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> tuple:
+class _Plan(NamedTuple):
+    grid: tuple[int, int]
+    key: tuple  # the compiled kernel's key (kvcompress.kernels.launch)
+    consts: dict
+    n_mid: int  # splits of the quantized middle (the sink + tail is one more)
+    per: int  # tokens per split
+    fast: bool  # ``args`` are data pointers
+    args: tuple  # the store's 8 tensors, then the workspace's pm, pl, pa, lock: as tensors or pointers
+    tensors: tuple  # the same as tensors (held: their pointers stay valid while the plan lives)
+
+
+def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Plan:
     """What a decode step launches with, except what changes every step, cached on the store until its
     middle grows (every ``group`` tokens), its tensors move, or the query, mask or tunables change.
 
@@ -410,7 +422,7 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> tup
                  SPLIT_MIN, SPLITS_PER_SM, CONV, MERGE_CHUNK, id(store.fk), id(store.fv), id(store.ck),
                  id(store.cv), id(store.ks), id(store.kz), id(store.vs), id(store.vz))
     hit = store.launch_cache.get("plan")
-    if hit is not None and hit[0] == signature and (hit[1][4] or not is_compiled(hit[1][1])):
+    if hit is not None and hit[0] == signature and (hit[1].fast or not is_compiled(hit[1].key)):
         return hit[1]
     hkv = store.h
     width = _piece_width(store, query.dtype)
@@ -425,12 +437,9 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> tup
     n_mid, per = _splits(store.m, b * hkv, _sm_count(query.device))
     pm, pl, pa, lock = _workspace(query.device, b * hkv, hq // hkv, n_mid + 1, d)
     tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock)
-    fast = is_compiled(key)
-    if fast:  # pointers as ints; the plan holds the tensors, so their ids stay theirs while it lives
-        args = tuple(t.data_ptr() for t in tensors)
-    else:
-        args = tensors
-    plan = ((n_mid + 1, b * hkv), key, consts, (n_mid, per), fast, args, tensors)
+    fast = is_compiled(key)  # the first launch compiles, and Triton specialises on tensors, not pointers
+    args = tuple(t.data_ptr() for t in tensors) if fast else tensors
+    plan = _Plan((n_mid + 1, b * hkv), key, consts, n_mid, per, fast, args, tensors)
     store.launch_cache["plan"] = (signature, plan)
     return plan
 
@@ -450,16 +459,18 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
     mask_kind, mask, smb, sms = decode_mask
     if not query.is_contiguous():
         query = query.contiguous()
-    grid, key, consts, (n_mid, per), _, a, t = _plan(store, query, mask, mask_kind)
+    plan = _plan(store, query, mask, mask_kind)
+    a, ns = plan.args, plan.grid[0]
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
-    launch(_split_kernel, grid, key, (
+    launch(_split_kernel, plan.grid, plan.key, (
         query, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], mask, a[8], a[9], a[10], out, a[11],
-        store.s, store.m, store.w, store.cap_m, per, n_mid, scaling * LOG2E, smb, sms,
-    ), consts, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        store.s, store.m, store.w, store.cap_m, plan.per, plan.n_mid, scaling * LOG2E, smb, sms,
+    ), plan.consts, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if not MERGE_CHUNK:
-        merge = dict(D=d, NS_P2=max(2, triton.next_power_of_2(grid[0])))
+        pm, pl, pa = plan.tensors[8:11]
+        merge = dict(D=d, NS_P2=max(2, triton.next_power_of_2(ns)))
         launch(_merge_kernel, (b * hq,), (query.device, query.dtype, "merge", *merge.values()),
-               (t[8], t[9], t[10], out, grid[0]), merge)
+               (pm, pl, pa, out, ns), merge)
     return out
 
 
