@@ -29,12 +29,16 @@ def test_bits_must_be_int():
         Quant(bits="4")
 
 
-def test_channel_group_not_dividing_head_dim_fails_on_first_use():
+@pytest.mark.parametrize(("spec", "name", "value"), [
+    ("quant(group_size=12)", "group_size", 12),
+    ("quant(group_size=8,channel_group=6)", "channel_group", 6),
+])
+def test_channel_groups_not_dividing_head_dim_fail_on_first_use(spec, name, value):
     from conftest import tiny_model
 
     model = tiny_model()  # head_dim 16
-    cache = kvcompress.make_cache("quant(group_size=8,channel_group=6)", model=model)
-    with pytest.raises(ValueError, match=r"'channel_group' is 6, which does not divide head_dim 16; allowed: "
+    cache = kvcompress.make_cache(spec, model=model)
+    with pytest.raises(ValueError, match=rf"'{name}' is {value}, which does not divide head_dim 16; allowed: "
                                          r"a divisor of 16 \(1, 2, 4, 8, 16\) or a multiple of 16"):
         model(torch.tensor([[1, 2, 3]]), past_key_values=cache)
 
@@ -42,16 +46,6 @@ def test_channel_group_not_dividing_head_dim_fails_on_first_use():
 def test_rotate_must_be_bool():
     with pytest.raises(TypeError, match=r"quant: parameter 'rotate' got 'random' of type str; allowed: bool"):
         kvcompress.make_cache("quant(rotate=random)")
-
-
-def test_group_size_not_dividing_head_dim_fails_on_first_use():
-    from conftest import tiny_model
-
-    model = tiny_model()  # head_dim 16
-    cache = kvcompress.make_cache("quant(group_size=12)", model=model)
-    with pytest.raises(ValueError, match=r"'group_size' is 12, which does not divide head_dim 16; allowed: "
-                                         r"a divisor of 16 \(1, 2, 4, 8, 16\) or a multiple of 16"):
-        model(torch.tensor([[1, 2, 3]]), past_key_values=cache)
 
 
 @pytest.mark.skipif(kernels.AVAILABLE, reason="Triton is installed here")

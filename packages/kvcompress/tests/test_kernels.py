@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvcompress import kernels
-from kvcompress.attention import _decode_attention
+from kvcompress.attention import decode_attention
 
 pytestmark = pytest.mark.skipif(
     not (kernels.AVAILABLE and torch.cuda.is_available()),
@@ -35,7 +35,7 @@ def test_observed_decode_matches_torch_ops(reduce, mask_kind, dtype):
     acc = torch.rand(b, hkv, cap, device="cuda", generator=g)
     before = acc.clone()
     out = kernels.observed_decode(query, keys, values, n, mask, d**-0.5, acc, reduce)
-    ref, weights = _decode_attention(query.float(), keys[:, :, :n].float(), values[:, :, :n].float(),
+    ref, weights = decode_attention(query.float(), keys[:, :, :n].float(), values[:, :, :n].float(),
                                      mask, d**-0.5)
     reduced = weights.sum(2) if reduce == "sum" else weights.amax(2)
     expected = before.clone()

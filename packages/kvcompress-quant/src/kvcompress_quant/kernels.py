@@ -40,13 +40,12 @@ LOG2E = 1.4426950408889634
 CONV = 2  # codes to fp16: 0 int-to-float conversion, 1 bit trick in Triton, 2 bit trick in PTX
 
 
-
 def _codes_ptx(bits: int, shift: int) -> str:
     """PTX turning 4 packed bytes into 4 fp16 codes (the ``bits`` at ``shift``), exactly.
 
     Each byte goes to a 16-bit half, ``lop3`` keeps the code's bits and ORs in 0x6400 (fp16 1024; the
     code lands in the mantissa as ``code << shift``), one ``fma`` scales by ``2**-shift`` and subtracts
-    1024: three integer and one half2 op per two codes instead of an int-to-float conversion each.
+    1024: two integer and one half2 op per two codes instead of an int-to-float conversion each.
     """
     mask = ((1 << bits) - 1) << shift
     scale = (15 - shift) << 10  # fp16 2**-shift

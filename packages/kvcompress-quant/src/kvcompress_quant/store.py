@@ -7,6 +7,7 @@ import copy
 import torch
 
 from kvcompress import KVStore
+from kvcompress.attention import decode_attention
 from kvcompress.kernels import append_pair
 
 from . import codec
@@ -231,22 +232,13 @@ class QuantStore(KVStore):
                               ) -> torch.Tensor | None:
         """One query per head ``[B, Hq, 1, D]`` against the store decoded in the rotated basis (the middle is
         not rotated back); returns ``[B, 1, Hq, D]``, or ``None`` for a mask of another shape."""
-        b, hq, _, d = query.shape
         n = self.length
-        if hq % self.h or (attention_mask is not None and (attention_mask.dim() != 4
-                                                           or attention_mask.shape[-1] != n)):
+        if query.shape[1] % self.h or (attention_mask is not None and (attention_mask.dim() != 4
+                                                                       or attention_mask.shape[-1] != n)):
             return None
         keys, values = self._dense(query.dtype, rotated=True)
-        q = codec.rotate(query).view(b, self.h, hq // self.h, d)
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, Hkv, G, n]
-        if attention_mask is not None:
-            mask = attention_mask[:, :, -1:]  # [B or 1, 1, 1, n]: broadcasts over kv heads and GQA group
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            else:
-                scores = scores + mask.float()
-        out = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # [B, Hkv, G, D]
-        return codec.rotate(out.reshape(b, 1, hq, d))
+        out, _ = decode_attention(codec.rotate(query), keys, values, attention_mask, scaling)
+        return codec.rotate(out)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep slots ``index`` ``[B, H, K]``: decode, gather, and re-split into sink / middle / tail.

@@ -97,8 +97,11 @@ def _ignored(like: torch.Tensor) -> torch.Tensor:
     return _IGNORED[key]
 
 
-def _decode_attention(query, key, value, mask, scaling):
-    """One query per head: attention and its weights ``[B, H_kv, G, 1, S]`` in one pass over K and V.
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per head ``[B, Hq, 1, D]`` against ``key``/``value`` ``[B, H_kv, S, D]`` (``mask``: the
+    model's 4-D mask over those S slots, or None): the output ``[B, 1, Hq, D]`` and the attention weights
+    ``[B, H_kv, G, 1, S]``, in one pass over K and V. Also for a store's own ``attend``.
 
     Few kernels on purpose (a decode step is bound by the host's launches): the scaled scores in one
     batched matmul, the softmax in float32 written in the model's dtype (as eager attention casts it),
@@ -175,7 +178,7 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
             layer.finish_attention(_new_valid(attention_mask, q))
             return out, None
     if q == 1 and out is None:
-        out, weights = _decode_attention(query, key, value, attention_mask, scaling)
+        out, weights = decode_attention(query, key, value, attention_mask, scaling)
         chunks = [(0, 1, weights)]
     else:
         if out is None:
