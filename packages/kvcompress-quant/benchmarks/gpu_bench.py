@@ -137,12 +137,12 @@ def kernel_bench():
         del k, v, sdpa
         store = random_store(4, "channel", "token", b, hkv, n)
         best = None
-        base = dict(PIECES=True, BLOCK_N=64, NUM_WARPS=4, SPLIT_MIN=128, NUM_STAGES=3, SPLITS_PER_SM=8,
-                    CONV=2, MERGE_CHUNK=32)
-        variants = [dict(base, CONV=0, MERGE_CHUNK=0), dict(base, CONV=1, MERGE_CHUNK=0),
-                    dict(base, MERGE_CHUNK=0), base, dict(base, NUM_WARPS=8), dict(base, NUM_STAGES=2),
-                    dict(base, SPLITS_PER_SM=4), dict(base, SPLITS_PER_SM=16),
-                    dict(base, BLOCK_N=32, SPLIT_MIN=64)]
+        base = dict(PIECES=True, BLOCK_N=64, NUM_WARPS=4, SPLIT_MIN=128, NUM_STAGES=3, PROGRAMS_PER_SM=None,
+                    MAX_WAVES=8, MAXNREG=None, CONV=2, MERGE_CHUNK=16)
+        variants = [base, dict(base, MERGE_CHUNK=0), dict(base, MAXNREG=168),
+                    dict(base, MAXNREG=168, MERGE_CHUNK=0),
+                    dict(base, CONV=0), dict(base, NUM_STAGES=2), dict(base, NUM_STAGES=4),
+                    dict(base, MAX_WAVES=1), dict(base, PROGRAMS_PER_SM=8)]
         for variant in variants:
             for name, value in variant.items():
                 setattr(kernels, name, value)

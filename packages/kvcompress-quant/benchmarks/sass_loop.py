@@ -32,7 +32,7 @@ def compile_split_kernel(conv: int, merge_chunk: int, bits: int = 4):
     fn = kernels._split_kernel
     consts = dict(HKV=8, GQA=4, BLOCK_H=16, D=128, BITS=bits, GT=64, GC=64, K_TOKEN=False, V_TOKEN=True,
                   CAPF=256, SINK=4, MASK_KIND=0, BLOCK_N=kernels.BLOCK_N, DOT_F32=False, PIECES=True,
-                  W=min(128 * bits // 8, 64), CONV=conv, MERGE_CHUNK=merge_chunk)
+                  W=min(128 * bits // 8, 64), CONV=conv, MERGE_CHUNK=merge_chunk, GQA_P2=4)
     signature = {n: POINTERS.get(n, "constexpr" if n in consts else "fp32" if n == "qk_scale" else "i32")
                  for n in fn.arg_names}
     # pointers 16-byte aligned as the launches see them (the query and mask may not be)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcompress.kernels import resident_programs
 from kvcompress_quant import QuantStore, kernels
 
 pytestmark = pytest.mark.skipif(
@@ -51,7 +52,7 @@ def test_kernel_matches_dequantize_then_sdpa(bits, axes, mask_kind):
     assert rel < 1e-2, rel
 
 
-@pytest.mark.parametrize("merge_chunk", [0, 32, 7])
+@pytest.mark.parametrize("merge_chunk", [0, 16, 4])
 @pytest.mark.parametrize("conv", [0, 2])
 def test_merge_and_code_conversion_modes_agree(monkeypatch, merge_chunk, conv):
     """The merge in the last split (chunks of any size) or as a second launch, and either decode of the
@@ -59,12 +60,12 @@ def test_merge_and_code_conversion_modes_agree(monkeypatch, merge_chunk, conv):
     monkeypatch.setattr(kernels, "MERGE_CHUNK", merge_chunk)
     monkeypatch.setattr(kernels, "CONV", conv)
     store = _store(4, "channel", "token", b=1, h=2, n=20000)
-    assert kernels._splits(store.m, 2, kernels._sm_count(store.device))[0] > max(merge_chunk, 1)
     query = torch.randn(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
     for _ in range(2):  # the second launch reuses the arrival counts the first reset
         out = kernels.decode_attention(store, query, None, 128**-0.5)
         ref = kernels.reference_attention(store, query, None, 128**-0.5)
         assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+        assert store.launch_cache["plan"][1].n_mid > max(merge_chunk, 1)
 
 
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 64), (2, 32), (2, 16)])
@@ -96,3 +97,14 @@ def test_kernel_inside_a_model_matches_torch_path():
         logits.append(torch.stack(out.logits).float())
     rel = float((logits[0] - logits[1]).norm() / logits[1].norm())
     assert rel < 2e-2, rel
+
+
+def test_splits_fill_what_the_compiled_kernel_runs_at_once():
+    store = _store(4, "channel", "token", b=1, h=2, n=20000)
+    query = torch.randn(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):  # the first call compiles; the second plans with the compiled kernel's occupancy
+        kernels.decode_attention(store, query, None, 128**-0.5)
+    plan = store.launch_cache["plan"][1]
+    resident = resident_programs(plan.key, store.device)
+    assert resident is not None and resident >= 1
+    assert plan.n_mid == kernels._splits(store.m, 2, resident * kernels._sm_count(store.device))[0]

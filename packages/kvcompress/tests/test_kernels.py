@@ -69,3 +69,15 @@ def test_append_pair_declines_what_it_does_not_cover():
     new = torch.ones(1, 2, 1, 64, device="cuda", dtype=torch.float32)  # another dtype
     assert not kernels.append_pair(keys, keys.clone(), 0, new, new)
     assert not keys.any()  # nothing half-written
+
+
+def test_resident_programs_of_compiled_kernels_only():
+    query = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16)
+    acc = torch.zeros(1, 2, 300, device="cuda")
+    assert kernels.observed_decode(query, keys, keys.clone(), 300, None, 0.125, acc, "sum") is not None
+    device = query.device
+    assert kernels.resident_programs(("not", "compiled"), device) is None
+    counts = [kernels.resident_programs(key, device) for key in kernels._COMPILED]
+    threads = torch.cuda.get_device_properties(device).max_threads_per_multi_processor
+    assert counts and all(isinstance(n, int) and 1 <= n <= threads // 32 for n in counts)

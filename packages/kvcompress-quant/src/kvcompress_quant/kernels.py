@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcompress.kernels import is_compiled, kernel_mask, launch
+from kvcompress.kernels import is_compiled, kernel_mask, launch, resident_programs
 
 try:
     import triton
@@ -33,9 +33,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_N = 64  # tokens per tile
 NUM_WARPS = 4
 SPLIT_MIN = 128  # fewest tokens per split of the middle
-SPLITS_PER_SM = 8  # aim for this many programs per SM
+PROGRAMS_PER_SM: int | None = None  # programs one SM runs at once (None: from the compiled kernel)
+MAX_WAVES = 8  # most waves of programs the splits may take (kernels._splits)
 NUM_STAGES = 3  # the best of a sweep on an H100 (gpu_bench.py kernel)
-MERGE_CHUNK = 32  # splits merged at a time by the last split to finish (0: a second launch merges)
+MAXNREG: int | None = None  # a cap on registers per thread (None: the compiler's choice)
+MERGE_CHUNK = 16  # splits merged at a time by the last split to finish (0: a second launch merges)
 LOG2E = 1.4426950408889634
 CONV = 2  # codes to fp16: 0 int-to-float conversion, 1 bit trick in Triton, 2 bit trick in PTX
 
@@ -128,24 +130,33 @@ if AVAILABLE:
         return tl.inline_asm_elementwise(asm, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
 
     @triton.jit
-    def _piece_qk(q, CK, KS, KZ, cbase, krow, tok, valid, J: tl.constexpr, W: tl.constexpr, DP: tl.constexpr,
-                  BITS: tl.constexpr, CONV: tl.constexpr):
-        """Scores of piece ``J`` of a tile: ``(q * ks) . codes`` and ``q . kz`` (one key group per tile)."""
+    def _piece_qk(s, q, CK, KS, KZ, cbase, krow, tok, valid, J: tl.constexpr, W: tl.constexpr,
+                  DP: tl.constexpr, BITS: tl.constexpr, CONV: tl.constexpr):
+        """``s`` plus the scores of piece ``J`` of a tile, ``(q * ks) . codes + q . kz`` (one key group per
+        tile). The zero points' ``q . kz`` comes out of a dot with ones, already broadcast over the tile's
+        tokens: no reduction, no layout change."""
         offs_w = tl.arange(0, W)
         ks = tl.load(KS + krow + J * W + offs_w).to(tl.float32)
         kz = tl.load(KZ + krow + J * W + offs_w).to(tl.float32)
         x = _piece(CK, cbase, tok, valid, J, W, DP, BITS, CONV)
-        return tl.dot((q * ks[None, :]).to(tl.float16), tl.trans(x)), tl.sum(q * kz[None, :], 1)
+        s = tl.dot((q * ks[None, :]).to(tl.float16), tl.trans(x), s)
+        ones = tl.full([W, x.shape[0]], 1.0, tl.float16)
+        return tl.dot((q * kz[None, :]).to(tl.float16), ones, s)
 
     @triton.jit
-    def _piece_pv(acc, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, J: tl.constexpr, W: tl.constexpr,
-                  DP: tl.constexpr, BITS: tl.constexpr, GC: tl.constexpr, CONV: tl.constexpr):
-        """``acc`` rescaled plus ``p @ values`` of piece ``J``: token value scales fold into ``p``."""
+    def _value_scales(VS, VZ, vrow, valid, J: tl.constexpr, W: tl.constexpr, GC: tl.constexpr):
         vs = tl.load(VS + vrow + (J * W) // GC, mask=valid, other=0.0).to(tl.float32)
         vz = tl.load(VZ + vrow + (J * W) // GC, mask=valid, other=0.0).to(tl.float32)
+        return vs, vz
+
+    @triton.jit
+    def _piece_pv(acc, zacc, alpha, p, CV, vs, vz, cbase, tok, valid, J: tl.constexpr, W: tl.constexpr,
+                  DP: tl.constexpr, BITS: tl.constexpr, CONV: tl.constexpr):
+        """``acc`` rescaled plus ``p @ values`` of piece ``J``: token value scales fold into ``p``; the zero
+        points' ``p . vz`` is kept per token in ``zacc`` (summed once, after the last tile)."""
         x = _piece(CV, cbase, tok, valid, J, W, DP, BITS, CONV)
-        pv = tl.dot((p * vs[None, :]).to(tl.float16), x)
-        return acc * alpha[:, None] + pv + tl.sum(p * vz[None, :], 1)[:, None]
+        acc = tl.dot((p * vs[None, :]).to(tl.float16), x, acc * alpha[:, None])
+        return acc, zacc * alpha[:, None] + p * vz[None, :]
 
     @triton.jit
     def _softmax_step(s, valid, bias, m_i, l_i, qk_scale):
@@ -167,6 +178,7 @@ if AVAILABLE:
         GT: tl.constexpr, GC: tl.constexpr, K_TOKEN: tl.constexpr, V_TOKEN: tl.constexpr, CAPF: tl.constexpr,
         SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
         PIECES: tl.constexpr, W: tl.constexpr, CONV: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+        GQA_P2: tl.constexpr,
     ):
         # Every store tensor is contiguous, so strides follow from the shapes: codes [B, HKV, cap_m, DP],
         # scales [B, HKV, cap_m // GT, D] (per channel) or [B, HKV, cap_m, D // GC] (per token),
@@ -190,55 +202,98 @@ if AVAILABLE:
             # Keys per channel, values per token: the middle is read as NP pieces of W channels, each a
             # [BLOCK_N, W] tile of packed bytes shifted once (never unpacked into a [BLOCK_N, D] tile). The
             # key scale of the tile's token group folds into the query, each token's value scale into p;
-            # codes (< 256) are exact in fp16, so the dots take fp16 operands with fp32 accumulation.
+            # codes (< 256) are exact in fp16, so the dots take fp16 operands with fp32 accumulation. The
+            # query carries qk_scale, so scores leave the dots in log2 units. No per-tile reduction but the
+            # row max: the softmax denominator and the value zero points accumulate per token.
             NP: tl.constexpr = D // W
             offs_w = tl.arange(0, W)
-            q0 = tl.load(qrow + offs_w[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+            q0 = tl.load(qrow + offs_w[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
             q1 = q0
             q2 = q0
             q3 = q0
             if NP > 1:
                 q1 = tl.load(qrow + (W + offs_w)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+                q1 = q1 * qk_scale
             if NP > 2:
                 q2 = tl.load(qrow + (2 * W + offs_w)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
                 q3 = tl.load(qrow + (3 * W + offs_w)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+                q2 = q2 * qk_scale
+                q3 = q3 * qk_scale
             a0 = tl.zeros([BLOCK_H, W], tl.float32)
-            a1 = tl.zeros([BLOCK_H, W], tl.float32)
-            a2 = tl.zeros([BLOCK_H, W], tl.float32)
-            a3 = tl.zeros([BLOCK_H, W], tl.float32)
+            a1 = a0
+            a2 = a0
+            a3 = a0
+            l_tok = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+            z0 = l_tok
+            z1 = l_tok
+            z2 = l_tok
+            z3 = l_tok
             start = split * split_tokens
+            end = tl.minimum(start + split_tokens, m_len)
             kbase = bh * (cap_m // GT) * D
             vbase = bh * cap_m * NGC
-            for n0 in range(0, split_tokens, BLOCK_N):
+            # each token's value scale and zero point are loaded one tile ahead
+            vrow = vbase + (start + offs_n) * NGC
+            vmask = start + offs_n < end
+            vs0, vz0 = _value_scales(VS, VZ, vrow, vmask, 0, W, GC)
+            vs1, vz1 = vs0, vz0
+            vs2, vz2 = vs0, vz0
+            vs3, vz3 = vs0, vz0
+            if NP > 1:
+                vs1, vz1 = _value_scales(VS, VZ, vrow, vmask, 1, W, GC)
+            if NP > 2:
+                vs2, vz2 = _value_scales(VS, VZ, vrow, vmask, 2, W, GC)
+                vs3, vz3 = _value_scales(VS, VZ, vrow, vmask, 3, W, GC)
+            for n0 in range(0, end - start, BLOCK_N):  # whole tiles: m is a multiple of GT, GT of BLOCK_N
                 tok = start + n0 + offs_n
-                valid = tok < m_len
+                valid = tl.full([BLOCK_N], 1, tl.int1)
+                vrow = vbase + (tok + BLOCK_N) * NGC
+                vmask = tok + BLOCK_N < end
+                ns0, nz0 = _value_scales(VS, VZ, vrow, vmask, 0, W, GC)
+                ns1, nz1 = ns0, nz0
+                ns2, nz2 = ns0, nz0
+                ns3, nz3 = ns0, nz0
+                if NP > 1:
+                    ns1, nz1 = _value_scales(VS, VZ, vrow, vmask, 1, W, GC)
+                if NP > 2:
+                    ns2, nz2 = _value_scales(VS, VZ, vrow, vmask, 2, W, GC)
+                    ns3, nz3 = _value_scales(VS, VZ, vrow, vmask, 3, W, GC)
                 krow = kbase + (start + n0) // GT * D
-                s, z = _piece_qk(q0, CK, KS, KZ, cbase, krow, tok, valid, 0, W, DP, BITS, CONV)
+                s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+                s = _piece_qk(s, q0, CK, KS, KZ, cbase, krow, tok, valid, 0, W, DP, BITS, CONV)
                 if NP > 1:
-                    s1, z1 = _piece_qk(q1, CK, KS, KZ, cbase, krow, tok, valid, 1, W, DP, BITS, CONV)
-                    s += s1
-                    z += z1
+                    s = _piece_qk(s, q1, CK, KS, KZ, cbase, krow, tok, valid, 1, W, DP, BITS, CONV)
                 if NP > 2:
-                    s2, z2 = _piece_qk(q2, CK, KS, KZ, cbase, krow, tok, valid, 2, W, DP, BITS, CONV)
-                    s3, z3 = _piece_qk(q3, CK, KS, KZ, cbase, krow, tok, valid, 3, W, DP, BITS, CONV)
-                    s += s2 + s3
-                    z += z2 + z3
+                    s = _piece_qk(s, q2, CK, KS, KZ, cbase, krow, tok, valid, 2, W, DP, BITS, CONV)
+                    s = _piece_qk(s, q3, CK, KS, KZ, cbase, krow, tok, valid, 3, W, DP, BITS, CONV)
                 valid, bias = _mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
-                p, alpha, m_i, l_i = _softmax_step(s + z[:, None], valid, bias, m_i, l_i, qk_scale)
-                vrow = vbase + tok * NGC
-                a0 = _piece_pv(a0, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 0, W, DP, BITS, GC, CONV)
+                if MASK_KIND != 0:
+                    s = tl.where(valid[None, :], s + bias[None, :], float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_tok = l_tok * alpha[:, None] + p
+                m_i = m_new
+                a0, z0 = _piece_pv(a0, z0, alpha, p, CV, vs0, vz0, cbase, tok, valid, 0, W, DP, BITS, CONV)
                 if NP > 1:
-                    a1 = _piece_pv(a1, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 1, W, DP, BITS, GC,
-                                   CONV)
+                    a1, z1 = _piece_pv(a1, z1, alpha, p, CV, vs1, vz1, cbase, tok, valid, 1, W, DP, BITS,
+                                         CONV)
                 if NP > 2:
-                    a2 = _piece_pv(a2, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 2, W, DP, BITS, GC,
-                                   CONV)
-                    a3 = _piece_pv(a3, alpha, p, CV, VS, VZ, cbase, vrow, tok, valid, 3, W, DP, BITS, GC,
-                                   CONV)
+                    a2, z2 = _piece_pv(a2, z2, alpha, p, CV, vs2, vz2, cbase, tok, valid, 2, W, DP, BITS,
+                                         CONV)
+                    a3, z3 = _piece_pv(a3, z3, alpha, p, CV, vs3, vz3, cbase, tok, valid, 3, W, DP, BITS,
+                                         CONV)
+                vs0, vz0, vs1, vz1, vs2, vz2, vs3, vz3 = ns0, nz0, ns1, nz1, ns2, nz2, ns3, nz3
+            l_i = tl.sum(l_tok, 1)
+            a0 += tl.sum(z0, 1)[:, None]
             tl.store(PA + row[:, None] * D + offs_w[None, :], a0, mask=hmask[:, None])
             if NP > 1:
+                a1 += tl.sum(z1, 1)[:, None]
                 tl.store(PA + row[:, None] * D + (W + offs_w)[None, :], a1, mask=hmask[:, None])
             if NP > 2:
+                a2 += tl.sum(z2, 1)[:, None]
+                a3 += tl.sum(z3, 1)[:, None]
                 tl.store(PA + row[:, None] * D + (2 * W + offs_w)[None, :], a2, mask=hmask[:, None])
                 tl.store(PA + row[:, None] * D + (3 * W + offs_w)[None, :], a3, mask=hmask[:, None])
         else:
@@ -293,8 +348,7 @@ if AVAILABLE:
         if MERGE_CHUNK > 0:
             tl.debug_barrier()
             if tl.atomic_add(LOCK + bh, 1, sem="acq_rel", scope="gpu") == ns - 1:
-                for g in range(GQA):
-                    _merge_row(PM, PL, PA, Out, bh * GQA + g, ns, D, MERGE_CHUNK)
+                _merge_rows(PM, PL, PA, Out, bh * GQA, GQA, GQA_P2, ns, D, MERGE_CHUNK)
                 tl.store(LOCK + bh, 0)  # ready for the next launch (stream order)
 
     @triton.jit(do_not_specialize=["ns"])
@@ -316,39 +370,57 @@ if AVAILABLE:
         tl.store(Out + r * D + offs_d, out.to(Out.dtype.element_ty))
 
     @triton.jit
-    def _merge_row(PM, PL, PA, Out, r, ns, D: tl.constexpr, CHUNK: tl.constexpr):
-        """Out row ``r``: the splits' partial softmax states combined, ``CHUNK`` splits at a time. The
-        loads bypass L1 (``.cg``): other SMs wrote these partials."""
+    def _merge_rows(PM, PL, PA, Out, r0, G: tl.constexpr, G_P2: tl.constexpr, ns, D: tl.constexpr,
+                    CHUNK: tl.constexpr):
+        """Out rows ``r0 .. r0+G``: the splits' partial softmax states combined, all rows at once, ``CHUNK``
+        splits at a time. The loads bypass L1 (``.cg``): other SMs wrote these partials."""
+        offs_g = tl.arange(0, G_P2)
         offs_c = tl.arange(0, CHUNK)
         offs_d = tl.arange(0, D)
-        m_run = tl.full([1], float("-inf"), tl.float32)
-        l_run = tl.zeros([1], tl.float32)
-        acc = tl.zeros([D], tl.float32)
+        gmask = offs_g < G
+        m_run = tl.full([G_P2], float("-inf"), tl.float32)
+        l_run = tl.zeros([G_P2], tl.float32)
+        acc = tl.zeros([G_P2, D], tl.float32)
         for s0 in range(0, ns, CHUNK):
-            smask = s0 + offs_c < ns
-            at = r * ns + s0 + offs_c
+            smask = gmask[:, None] & (s0 + offs_c < ns)[None, :]
+            at = (r0 + offs_g)[:, None] * ns + s0 + offs_c[None, :]  # [G_P2, CHUNK]
             m = tl.load(PM + at, mask=smask, other=float("-inf"), cache_modifier=".cg")
             part_l = tl.load(PL + at, mask=smask, other=0.0, cache_modifier=".cg")
-            part = tl.load(PA + at[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0,
+            part = tl.load(PA + at[:, :, None] * D + offs_d[None, None, :], mask=smask[:, :, None], other=0.0,
                            cache_modifier=".cg")
-            m_new = tl.maximum(m_run, tl.max(m, 0))
+            m_new = tl.maximum(m_run, tl.max(m, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             keep = tl.exp2(m_run - m_safe)
-            w = tl.exp2(m - m_safe)
-            l_run = l_run * keep + tl.sum(w * part_l, 0)
-            acc = acc * keep + tl.sum(w[:, None] * part, 0)
+            w = tl.exp2(m - m_safe[:, None])
+            l_run = l_run * keep + tl.sum(w * part_l, 1)
+            acc = acc * keep[:, None] + tl.sum(w[:, :, None] * part, 1)
             m_run = m_new
-        out = acc / tl.where(l_run == 0.0, 1.0, l_run)
-        tl.store(Out + r * D + offs_d, out.to(Out.dtype.element_ty))
+        out = acc / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
+        tl.store(Out + (r0 + offs_g)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=gmask[:, None])
 
 
-def _splits(m: int, batch_heads: int, sms: int) -> tuple[int, int]:
-    """(number of splits of a quantized middle of ``m`` tokens, tokens per split)."""
+def _splits(m: int, batch_heads: int, slots: int) -> tuple[int, int]:
+    """(number of splits of a quantized middle of ``m`` tokens, tokens per split).
+
+    ``slots`` programs run at once on the whole GPU. The split count makes the middle's programs fill
+    whole waves of them (the most even of up to ``MAX_WAVES`` waves), with at least ``SPLIT_MIN``
+    tokens per split: a last wave that fills only part of the GPU costs as long as a full one. The sink +
+    tail programs, one per (batch row, kv head), are short and not counted.
+    """
     if m == 0:
         return 0, BLOCK_N
-    want = max(1, _cdiv(SPLITS_PER_SM * sms, batch_heads))
-    ns = max(1, min(want, _cdiv(m, SPLIT_MIN)))
-    per = _cdiv(_cdiv(m, ns), BLOCK_N) * BLOCK_N
+    most = max(1, _cdiv(m, SPLIT_MIN))
+    best = (0.0, 1)
+    for waves in range(1, MAX_WAVES + 1):
+        ns = min(most, waves * slots // batch_heads)
+        if ns:
+            per = _cdiv(_cdiv(m, ns), BLOCK_N) * BLOCK_N
+            ns = _cdiv(m, per)
+            fill = batch_heads * ns / (_cdiv(batch_heads * ns, slots) * slots)
+            if fill > best[0] + 0.02:
+                best = (fill, ns)
+    per = _cdiv(_cdiv(m, best[1]), BLOCK_N) * BLOCK_N
     return _cdiv(m, per), per
 
 
@@ -418,8 +490,9 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Pl
     """
     b, hq, _, d = query.shape
     signature = (store.m, b, hq, query.dtype, mask.dtype, mask_kind, PIECES, BLOCK_N, NUM_WARPS, NUM_STAGES,
-                 SPLIT_MIN, SPLITS_PER_SM, CONV, MERGE_CHUNK, id(store.fk), id(store.fv), id(store.ck),
-                 id(store.cv), id(store.ks), id(store.kz), id(store.vs), id(store.vz))
+                 SPLIT_MIN, PROGRAMS_PER_SM, MAX_WAVES, CONV, MERGE_CHUNK, MAXNREG,
+                 id(store.fk), id(store.fv), id(store.ck), id(store.cv), id(store.ks), id(store.kz),
+                 id(store.vs), id(store.vz))
     hit = store.launch_cache.get("plan")
     if hit is not None and hit[0] == signature and (hit[1].fast or not is_compiled(hit[1].key)):
         return hit[1]
@@ -430,10 +503,12 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Pl
         GT=store.group, GC=store.cgroup, K_TOKEN=store.key_axis == "token",
         V_TOKEN=store.value_axis == "token", CAPF=store.fk.shape[2], SINK=store.sink, MASK_KIND=mask_kind,
         BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, PIECES=width > 0, W=max(16, width),
-        CONV=0 if INTERPRET else CONV, MERGE_CHUNK=MERGE_CHUNK,
+        CONV=0 if INTERPRET else CONV, MERGE_CHUNK=MERGE_CHUNK, GQA_P2=triton.next_power_of_2(hq // hkv),
     )  # MERGE_CHUNK 0: the merge runs as a second launch
-    key = (query.device, query.dtype, store.dtype, mask.dtype, NUM_WARPS, NUM_STAGES, *consts.values())
-    n_mid, per = _splits(store.m, b * hkv, _sm_count(query.device))
+    key = (query.device, query.dtype, store.dtype, mask.dtype, NUM_WARPS, NUM_STAGES, MAXNREG,
+           *consts.values())
+    resident = PROGRAMS_PER_SM or resident_programs(key, query.device) or 2  # 2: a guess until compiled
+    n_mid, per = _splits(store.m, b * hkv, resident * _sm_count(query.device))
     pm, pl, pa, lock = _workspace(query.device, b * hkv, hq // hkv, n_mid + 1, d)
     tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock)
     fast = is_compiled(key)  # the first launch compiles, and Triton specialises on tensors, not pointers
@@ -464,7 +539,7 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
     launch(_split_kernel, plan.grid, plan.key, (
         query, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], mask, a[8], a[9], a[10], out, a[11],
         store.s, store.m, store.w, store.cap_m, plan.per, plan.n_mid, scaling * LOG2E, smb, sms,
-    ), plan.consts, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    ), plan.consts, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **({"maxnreg": MAXNREG} if MAXNREG else {}))
     if not MERGE_CHUNK:
         pm, pl, pa = plan.tensors[8:11]
         merge = dict(D=d, NS_P2=max(2, triton.next_power_of_2(ns)))

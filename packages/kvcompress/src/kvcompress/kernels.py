@@ -217,6 +217,29 @@ def is_compiled(key: tuple) -> bool:
     return key in _COMPILED
 
 
+def resident_programs(key: tuple, device: torch.device) -> int | None:
+    """How many programs of the kernel :func:`launch` compiled under ``key`` one SM of ``device`` runs at
+    once, as its registers, shared memory and warps allow; ``None`` before it is compiled (or where Triton
+    does not say). A grid of a whole multiple of this times the SM count leaves no SM idle in a last wave."""
+    hit = _COMPILED.get(key)
+    if hit is None or device.type != "cuda":
+        return None
+    compiled = hit[0]
+    try:
+        compiled._init_handles()
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+        warps, regs, smem = compiled.metadata.num_warps, compiled.n_regs, compiled.metadata.shared
+        reg_file, smem_sm = props["max_num_regs"], props["max_shared_mem"]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256  # registers go to warps 256 at a time
+    threads = torch.cuda.get_device_properties(device).max_threads_per_multi_processor
+    limits = [reg_file // per_warp // warps, threads // (32 * warps)]
+    if smem:
+        limits.append(smem_sm // (smem + 1024))  # the hardware reserves 1 KiB per program
+    return max(1, min(limits))
+
+
 def _direct(compiled, device: torch.device):
     """``launch(grid, args, consts)`` calling ``compiled``'s C launcher with the arguments Triton's own
     per-call wrapper would pass (current stream, no scratch, no hooks), or ``None`` where this Triton
