@@ -479,6 +479,7 @@ class _Plan(NamedTuple):
     fast: bool  # ``args`` are data pointers
     args: tuple  # the store's 8 tensors, then the workspace's pm, pl, pa, lock: as tensors or pointers
     tensors: tuple  # the same as tensors (held: their pointers stay valid while the plan lives)
+    options: dict  # Triton's compile options
 
 
 def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Plan:
@@ -513,7 +514,8 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Pl
     tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock)
     fast = is_compiled(key)  # the first launch compiles, and Triton specialises on tensors, not pointers
     args = tuple(t.data_ptr() for t in tensors) if fast else tensors
-    plan = _Plan((n_mid + 1, b * hkv), key, consts, n_mid, per, fast, args, tensors)
+    options = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, **({"maxnreg": MAXNREG} if MAXNREG else {}))
+    plan = _Plan((n_mid + 1, b * hkv), key, consts, n_mid, per, fast, args, tensors, options)
     store.launch_cache["plan"] = (signature, plan)
     return plan
 
@@ -536,10 +538,14 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
     plan = _plan(store, query, mask, mask_kind)
     a, ns = plan.args, plan.grid[0]
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
+    if plan.fast:  # as data pointers, like the store's tensors (see _plan)
+        q_in, mask_in, out_in = query.data_ptr(), mask.data_ptr(), out.data_ptr()
+    else:
+        q_in, mask_in, out_in = query, mask, out
     launch(_split_kernel, plan.grid, plan.key, (
-        query, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], mask, a[8], a[9], a[10], out, a[11],
+        q_in, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], mask_in, a[8], a[9], a[10], out_in, a[11],
         store.s, store.m, store.w, store.cap_m, plan.per, plan.n_mid, scaling * LOG2E, smb, sms,
-    ), plan.consts, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **({"maxnreg": MAXNREG} if MAXNREG else {}))
+    ), plan.consts, **plan.options)
     if not MERGE_CHUNK:
         pm, pl, pa = plan.tensors[8:11]
         merge = dict(D=d, NS_P2=max(2, triton.next_power_of_2(ns)))
