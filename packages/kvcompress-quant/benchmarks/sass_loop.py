@@ -24,7 +24,8 @@ from triton.compiler import ASTSource
 from kvcompress_quant import kernels
 
 POINTERS = dict(Q="*bf16", FK="*bf16", FV="*bf16", CK="*u8", CV="*u8", KS="*fp16", KZ="*fp16", VS="*fp16",
-                VZ="*fp16", M="*bf16", PM="*fp32", PL="*fp32", PA="*fp32", Out="*bf16", LOCK="*i32")
+                VZ="*fp16", M="*bf16", PM="*fp32", PL="*fp32", PA="*fp32", Out="*bf16", LOCK="*i32",
+                HM="*fp32")
 OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 
 
@@ -32,7 +33,8 @@ def compile_split_kernel(conv: int, merge_chunk: int, bits: int = 4):
     fn = kernels._split_kernel
     consts = dict(HKV=8, GQA=4, BLOCK_H=16, D=128, BITS=bits, GT=64, GC=64, K_TOKEN=False, V_TOKEN=True,
                   CAPF=256, SINK=4, MASK_KIND=0, BLOCK_N=kernels.BLOCK_N, DOT_F32=False, PIECES=True,
-                  W=min(128 * bits // 8, 64), CONV=conv, MERGE_CHUNK=merge_chunk, GQA_P2=4)
+                  W=min(128 * bits // 8, 64), CONV=conv, MERGE_CHUNK=merge_chunk, GQA_P2=4,
+                  ROTATE=False)
     signature = {n: POINTERS.get(n, "constexpr" if n in consts else "fp32" if n == "qk_scale" else "i32")
                  for n in fn.arg_names}
     # pointers 16-byte aligned as the launches see them (the query and mask may not be)

@@ -18,6 +18,8 @@ import torch
 
 from kvcompress.kernels import is_compiled, kernel_mask, launch, resident_programs
 
+from . import codec
+
 try:
     import triton
     import triton.language as tl
@@ -159,6 +161,13 @@ if AVAILABLE:
         return acc, zacc * alpha[:, None] + p * vz[None, :]
 
     @triton.jit
+    def _rot(x, HM, r0, c0, K: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
+        """``x @ R[r0 : r0+K, c0 : c0+N]`` for float32 ``x`` ``[rows, K]``: ``R`` is the store's ``[D, D]``
+        float32 Hadamard rotation at ``HM`` (3xTF32: close to float32, at tensor-core speed)."""
+        r = tl.load(HM + (r0 + tl.arange(0, K))[:, None] * D + c0 + tl.arange(0, N)[None, :])
+        return tl.dot(x, r, input_precision="tf32x3")
+
+    @triton.jit
     def _softmax_step(s, valid, bias, m_i, l_i, qk_scale):
         """Online-softmax bookkeeping of one tile of raw scores ``s`` [BLOCK_H, BLOCK_N]."""
         s = s * qk_scale + bias[None, :]
@@ -172,13 +181,13 @@ if AVAILABLE:
     @triton.jit(do_not_specialize=["s_len", "m_len", "w_len", "cap_m", "split_tokens", "n_mid_splits",
                                    "stride_mb", "stride_ms"], do_not_specialize_on_alignment=["Q", "M"])
     def _split_kernel(
-        Q, FK, FV, CK, CV, KS, KZ, VS, VZ, M, PM, PL, PA, Out, LOCK,
+        Q, FK, FV, CK, CV, KS, KZ, VS, VZ, M, PM, PL, PA, Out, LOCK, HM,
         s_len, m_len, w_len, cap_m, split_tokens, n_mid_splits, qk_scale, stride_mb, stride_ms,
         HKV: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         GT: tl.constexpr, GC: tl.constexpr, K_TOKEN: tl.constexpr, V_TOKEN: tl.constexpr, CAPF: tl.constexpr,
         SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
         PIECES: tl.constexpr, W: tl.constexpr, CONV: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-        GQA_P2: tl.constexpr,
+        GQA_P2: tl.constexpr, ROTATE: tl.constexpr,
     ):
         # Every store tensor is contiguous, so strides follow from the shapes: codes [B, HKV, cap_m, DP],
         # scales [B, HKV, cap_m // GT, D] (per channel) or [B, HKV, cap_m, D // GC] (per token),
@@ -207,18 +216,30 @@ if AVAILABLE:
             # row max: the softmax denominator and the value zero points accumulate per token.
             NP: tl.constexpr = D // W
             offs_w = tl.arange(0, W)
-            q0 = tl.load(qrow + offs_w[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
-            q1 = q0
-            q2 = q0
-            q3 = q0
-            if NP > 1:
-                q1 = tl.load(qrow + (W + offs_w)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-                q1 = q1 * qk_scale
-            if NP > 2:
-                q2 = tl.load(qrow + (2 * W + offs_w)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-                q3 = tl.load(qrow + (3 * W + offs_w)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
-                q2 = q2 * qk_scale
-                q3 = q3 * qk_scale
+            if ROTATE:  # the codes encode keys and values times R: the query goes in rotated, piece by piece
+                qf = tl.load(qrow + offs_d[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+                q0 = _rot(qf, HM, 0, 0, D, W, D)
+                q1 = q0
+                q2 = q0
+                q3 = q0
+                if NP > 1:
+                    q1 = _rot(qf, HM, 0, W, D, W, D)
+                if NP > 2:
+                    q2 = _rot(qf, HM, 0, 2 * W, D, W, D)
+                    q3 = _rot(qf, HM, 0, 3 * W, D, W, D)
+            else:
+                q0 = tl.load(qrow + offs_w[None, :], mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+                q1 = q0
+                q2 = q0
+                q3 = q0
+                if NP > 1:
+                    q1 = tl.load(qrow + (W + offs_w)[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+                    q1 = q1 * qk_scale
+                if NP > 2:
+                    q2 = tl.load(qrow + (2 * W + offs_w)[None, :], mask=hmask[:, None], other=0.0)
+                    q3 = tl.load(qrow + (3 * W + offs_w)[None, :], mask=hmask[:, None], other=0.0)
+                    q2 = q2.to(tl.float32) * qk_scale
+                    q3 = q3.to(tl.float32) * qk_scale
             a0 = tl.zeros([BLOCK_H, W], tl.float32)
             a1 = a0
             a2 = a0
@@ -287,19 +308,31 @@ if AVAILABLE:
                 vs0, vz0, vs1, vz1, vs2, vz2, vs3, vz3 = ns0, nz0, ns1, nz1, ns2, nz2, ns3, nz3
             l_i = tl.sum(l_tok, 1)
             a0 += tl.sum(z0, 1)[:, None]
-            tl.store(PA + row[:, None] * D + offs_w[None, :], a0, mask=hmask[:, None])
             if NP > 1:
                 a1 += tl.sum(z1, 1)[:, None]
-                tl.store(PA + row[:, None] * D + (W + offs_w)[None, :], a1, mask=hmask[:, None])
             if NP > 2:
                 a2 += tl.sum(z2, 1)[:, None]
                 a3 += tl.sum(z3, 1)[:, None]
-                tl.store(PA + row[:, None] * D + (2 * W + offs_w)[None, :], a2, mask=hmask[:, None])
-                tl.store(PA + row[:, None] * D + (3 * W + offs_w)[None, :], a3, mask=hmask[:, None])
+            if ROTATE:  # back to the model's basis: every split's partial state is in the same one
+                out = _rot(a0, HM, 0, 0, W, D, D)
+                if NP > 1:
+                    out += _rot(a1, HM, W, 0, W, D, D)
+                if NP > 2:
+                    out += _rot(a2, HM, 2 * W, 0, W, D, D) + _rot(a3, HM, 3 * W, 0, W, D, D)
+                tl.store(PA + row[:, None] * D + offs_d[None, :], out, mask=hmask[:, None])
+            else:
+                tl.store(PA + row[:, None] * D + offs_w[None, :], a0, mask=hmask[:, None])
+                if NP > 1:
+                    tl.store(PA + row[:, None] * D + (W + offs_w)[None, :], a1, mask=hmask[:, None])
+                if NP > 2:
+                    tl.store(PA + row[:, None] * D + (2 * W + offs_w)[None, :], a2, mask=hmask[:, None])
+                    tl.store(PA + row[:, None] * D + (3 * W + offs_w)[None, :], a3, mask=hmask[:, None])
         else:
             q = tl.load(qrow + offs_d[None, :], mask=hmask[:, None], other=0.0)
             acc = tl.zeros([BLOCK_H, D], tl.float32)
             if split < n_mid_splits:  # any axes: decode each tile to [BLOCK_N, D] in registers
+                if ROTATE:  # the codes encode keys and values times R: the query goes in rotated
+                    q = _rot(q.to(tl.float32), HM, 0, 0, D, D, D).to(q.dtype)
                 LEVELS: tl.constexpr = (1 << BITS) - 1
                 byte = offs_d % DP
                 shift = (offs_d // DP) * BITS
@@ -328,6 +361,8 @@ if AVAILABLE:
                     v = (vc.to(tl.float32) * vs + vz).to(q.dtype)
                     valid, bias = _mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
                     m_i, l_i, acc = _online(q, k, v, valid, bias, m_i, l_i, acc, qk_scale, DOT_F32)
+                if ROTATE:  # the output back to the model's basis, where the sink + tail split works
+                    acc = _rot(acc, HM, 0, 0, D, D, D)
             else:  # the full-precision sink and tail
                 total = SINK + w_len
                 fbase = bh * CAPF * D
@@ -477,7 +512,7 @@ class _Plan(NamedTuple):
     n_mid: int  # splits of the quantized middle (the sink + tail is one more)
     per: int  # tokens per split
     fast: bool  # ``args`` are data pointers
-    args: tuple  # the store's 8 tensors, then the workspace's pm, pl, pa, lock: as tensors or pointers
+    args: tuple  # the store's 8 tensors, the workspace's pm, pl, pa, lock, the rotation: tensors or pointers
     tensors: tuple  # the same as tensors (held: their pointers stay valid while the plan lives)
     options: dict  # Triton's compile options
 
@@ -505,13 +540,15 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Pl
         V_TOKEN=store.value_axis == "token", CAPF=store.fk.shape[2], SINK=store.sink, MASK_KIND=mask_kind,
         BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, PIECES=width > 0, W=max(16, width),
         CONV=0 if INTERPRET else CONV, MERGE_CHUNK=MERGE_CHUNK, GQA_P2=triton.next_power_of_2(hq // hkv),
+        ROTATE=bool(store.rotate),
     )  # MERGE_CHUNK 0: the merge runs as a second launch
     key = (query.device, query.dtype, store.dtype, mask.dtype, NUM_WARPS, NUM_STAGES, MAXNREG,
            *consts.values())
     resident = PROGRAMS_PER_SM or resident_programs(key, query.device) or 2  # 2: a guess until compiled
     n_mid, per = _splits(store.m, b * hkv, resident * _sm_count(query.device))
     pm, pl, pa, lock = _workspace(query.device, b * hkv, hq // hkv, n_mid + 1, d)
-    tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock)
+    rotation = codec.hadamard(d, query.device) if store.rotate else pm  # pm: never read
+    tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock, rotation)
     fast = is_compiled(key)  # the first launch compiles, and Triton specialises on tensors, not pointers
     args = tuple(t.data_ptr() for t in tensors) if fast else tensors
     options = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, **({"maxnreg": MAXNREG} if MAXNREG else {}))
@@ -544,7 +581,7 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
         q_in, mask_in, out_in = query, mask, out
     launch(_split_kernel, plan.grid, plan.key, (
         q_in, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], mask_in, a[8], a[9], a[10], out_in, a[11],
-        store.s, store.m, store.w, store.cap_m, plan.per, plan.n_mid, scaling * LOG2E, smb, sms,
+        a[12], store.s, store.m, store.w, store.cap_m, plan.per, plan.n_mid, scaling * LOG2E, smb, sms,
     ), plan.consts, **plan.options)
     if not MERGE_CHUNK:
         pm, pl, pa = plan.tensors[8:11]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from kvcompress import KVStore
@@ -27,9 +25,10 @@ class QuantStore(KVStore):
 
     With ``rotate`` the middle's codes encode keys and values times the Hadamard rotation ``R``
     (see :mod:`.codec`); :meth:`keys_values` rotates them back. A decode step (one query) instead attends
-    in the rotated basis, which costs ``O(D^2)`` per query rather than per stored token: the query and the
-    full-precision sink + tail are rotated going in, the output rotated back out, either around the fused
-    kernel or in torch. Sink and tail are stored as given (bit-exact).
+    to the middle in the rotated basis, which costs ``O(D^2)`` per query rather than per stored token. The
+    fused kernel rotates the query going in and each program's partial output going out (the sink + tail
+    program works unrotated); the torch path rotates the query, the sink + tail and the output. Sink and
+    tail are stored as given (bit-exact).
     """
 
     def __init__(self, bits: int, group: int, sink: int, window: int, key_axis: str, value_axis: str,
@@ -219,14 +218,7 @@ class QuantStore(KVStore):
             return self._attend_rotated_torch(query, attention_mask, scaling) if self.rotate else None
         from . import kernels
 
-        if not self.rotate:
-            return kernels.decode_attention(self, query, attention_mask, scaling)
-        # the kernel reads the middle's codes as stored (rotated): give it a rotated query and a view of the
-        # store whose full-precision sink + tail are rotated too, then rotate the output back
-        view = copy.copy(self)
-        view.fk, view.fv = codec.rotate(self.fk), codec.rotate(self.fv)
-        out = kernels.decode_attention(view, codec.rotate(query), attention_mask, scaling)
-        return None if out is None else codec.rotate(out)
+        return kernels.decode_attention(self, query, attention_mask, scaling)  # rotates inside where needed
 
     def _attend_rotated_torch(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
                               ) -> torch.Tensor | None:
