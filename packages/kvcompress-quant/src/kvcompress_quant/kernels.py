@@ -146,10 +146,25 @@ if AVAILABLE:
         return tl.dot((q * kz[None, :]).to(tl.float16), ones, s)
 
     @triton.jit
-    def _value_scales(VS, VZ, vrow, valid, J: tl.constexpr, W: tl.constexpr, GC: tl.constexpr):
+    def _value_scale(VS, VZ, vrow, valid, J: tl.constexpr, W: tl.constexpr, GC: tl.constexpr):
         vs = tl.load(VS + vrow + (J * W) // GC, mask=valid, other=0.0).to(tl.float32)
         vz = tl.load(VZ + vrow + (J * W) // GC, mask=valid, other=0.0).to(tl.float32)
         return vs, vz
+
+    @triton.jit
+    def _value_scales(VS, VZ, vrow, valid, NP: tl.constexpr, W: tl.constexpr, GC: tl.constexpr):
+        """Scale and zero point of each token of a tile for each of the ``NP`` pieces (4 pairs: unused
+        pieces repeat piece 0's)."""
+        vs0, vz0 = _value_scale(VS, VZ, vrow, valid, 0, W, GC)
+        vs1, vz1 = vs0, vz0
+        vs2, vz2 = vs0, vz0
+        vs3, vz3 = vs0, vz0
+        if NP > 1:
+            vs1, vz1 = _value_scale(VS, VZ, vrow, valid, 1, W, GC)
+        if NP > 2:
+            vs2, vz2 = _value_scale(VS, VZ, vrow, valid, 2, W, GC)
+            vs3, vz3 = _value_scale(VS, VZ, vrow, valid, 3, W, GC)
+        return vs0, vz0, vs1, vz1, vs2, vz2, vs3, vz3
 
     @triton.jit
     def _piece_pv(acc, zacc, alpha, p, CV, vs, vz, cbase, tok, valid, J: tl.constexpr, W: tl.constexpr,
@@ -256,29 +271,13 @@ if AVAILABLE:
             # each token's value scale and zero point are loaded one tile ahead
             vrow = vbase + (start + offs_n) * NGC
             vmask = start + offs_n < end
-            vs0, vz0 = _value_scales(VS, VZ, vrow, vmask, 0, W, GC)
-            vs1, vz1 = vs0, vz0
-            vs2, vz2 = vs0, vz0
-            vs3, vz3 = vs0, vz0
-            if NP > 1:
-                vs1, vz1 = _value_scales(VS, VZ, vrow, vmask, 1, W, GC)
-            if NP > 2:
-                vs2, vz2 = _value_scales(VS, VZ, vrow, vmask, 2, W, GC)
-                vs3, vz3 = _value_scales(VS, VZ, vrow, vmask, 3, W, GC)
+            vs0, vz0, vs1, vz1, vs2, vz2, vs3, vz3 = _value_scales(VS, VZ, vrow, vmask, NP, W, GC)
             for n0 in range(0, end - start, BLOCK_N):  # whole tiles: m is a multiple of GT, GT of BLOCK_N
                 tok = start + n0 + offs_n
                 valid = tl.full([BLOCK_N], 1, tl.int1)
                 vrow = vbase + (tok + BLOCK_N) * NGC
                 vmask = tok + BLOCK_N < end
-                ns0, nz0 = _value_scales(VS, VZ, vrow, vmask, 0, W, GC)
-                ns1, nz1 = ns0, nz0
-                ns2, nz2 = ns0, nz0
-                ns3, nz3 = ns0, nz0
-                if NP > 1:
-                    ns1, nz1 = _value_scales(VS, VZ, vrow, vmask, 1, W, GC)
-                if NP > 2:
-                    ns2, nz2 = _value_scales(VS, VZ, vrow, vmask, 2, W, GC)
-                    ns3, nz3 = _value_scales(VS, VZ, vrow, vmask, 3, W, GC)
+                ns0, nz0, ns1, nz1, ns2, nz2, ns3, nz3 = _value_scales(VS, VZ, vrow, vmask, NP, W, GC)
                 krow = kbase + (start + n0) // GT * D
                 s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
                 s = _piece_qk(s, q0, CK, KS, KZ, cbase, krow, tok, valid, 0, W, DP, BITS, CONV)
