@@ -64,6 +64,8 @@ def _codes_ptx(bits: int, shift: int) -> str:
 
 
 if AVAILABLE:
+    from kvcompress.kernels import mask_bias, online_softmax_step  # how kernels read the core's mask, softmax
+
     _ASM_8 = tl.constexpr(_codes_ptx(8, 0))
     _ASM_4_0 = tl.constexpr(_codes_ptx(4, 0))
     _ASM_4_4 = tl.constexpr(_codes_ptx(4, 4))
@@ -85,19 +87,6 @@ if AVAILABLE:
         else:
             pv = tl.dot(p.to(v.dtype), v)
         return m_i, l_i, acc * alpha[:, None] + pv
-
-    @triton.jit
-    def _mask_bias(M, b, slot, valid, stride_mb, stride_ms, MASK_KIND: tl.constexpr):
-        if MASK_KIND == 1:
-            mv = tl.load(M + b * stride_mb + slot * stride_ms, mask=valid, other=0)
-            valid = valid & (mv != 0)
-            bias = tl.zeros(slot.shape, tl.float32)
-        elif MASK_KIND == 2:
-            bias = tl.load(M + b * stride_mb + slot * stride_ms, mask=valid, other=0.0).to(tl.float32)
-            bias = bias * 1.4426950408889634
-        else:
-            bias = tl.zeros(slot.shape, tl.float32)
-        return valid, bias
 
     @triton.jit
     def _piece(C, cbase, tok, valid, J: tl.constexpr, W: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
@@ -185,12 +174,8 @@ if AVAILABLE:
     @triton.jit
     def _softmax_step(s, valid, bias, m_i, l_i, qk_scale):
         """Online-softmax bookkeeping of one tile of raw scores ``s`` [BLOCK_H, BLOCK_N]."""
-        s = s * qk_scale + bias[None, :]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        s = tl.where(valid[None, :], s * qk_scale + bias[None, :], float("-inf"))
+        p, alpha, m_new = online_softmax_step(s, m_i)
         return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
     @triton.jit(do_not_specialize=["s_len", "m_len", "w_len", "cap_m", "split_tokens", "n_mid_splits",
@@ -286,15 +271,11 @@ if AVAILABLE:
                 if NP > 2:
                     s = _piece_qk(s, q2, CK, KS, KZ, cbase, krow, tok, valid, 2, W, DP, BITS, CONV)
                     s = _piece_qk(s, q3, CK, KS, KZ, cbase, krow, tok, valid, 3, W, DP, BITS, CONV)
-                valid, bias = _mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
+                valid, bias = mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
                 if MASK_KIND != 0:
                     s = tl.where(valid[None, :], s + bias[None, :], float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
+                p, alpha, m_i = online_softmax_step(s, m_i)
                 l_tok = l_tok * alpha[:, None] + p
-                m_i = m_new
                 a0, z0 = _piece_pv(a0, z0, alpha, p, CV, vs0, vz0, cbase, tok, valid, 0, W, DP, BITS, CONV)
                 if NP > 1:
                     a1, z1 = _piece_pv(a1, z1, alpha, p, CV, vs1, vz1, cbase, tok, valid, 1, W, DP, BITS,
@@ -358,7 +339,7 @@ if AVAILABLE:
                     vz = tl.load(VZ + vp, mask=valid[:, None], other=0.0).to(tl.float32)
                     k = (kc.to(tl.float32) * ks + kz).to(q.dtype)
                     v = (vc.to(tl.float32) * vs + vz).to(q.dtype)
-                    valid, bias = _mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
+                    valid, bias = mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
                     m_i, l_i, acc = _online(q, k, v, valid, bias, m_i, l_i, acc, qk_scale, DOT_F32)
                 if ROTATE:  # the output back to the model's basis, where the sink + tail split works
                     acc = _rot(acc, HM, 0, 0, D, D, D)
@@ -372,7 +353,7 @@ if AVAILABLE:
                     fptr = fbase + j[:, None] * D + offs_d[None, :]
                     k = tl.load(FK + fptr, mask=valid[:, None], other=0.0)
                     v = tl.load(FV + fptr, mask=valid[:, None], other=0.0)
-                    valid, bias = _mask_bias(M, b, slot, valid, stride_mb, stride_ms, MASK_KIND)
+                    valid, bias = mask_bias(M, b, slot, valid, stride_mb, stride_ms, MASK_KIND)
                     m_i, l_i, acc = _online(q, k, v, valid, bias, m_i, l_i, acc, qk_scale, DOT_F32)
             tl.store(PA + row[:, None] * D + offs_d[None, :], acc, mask=hmask[:, None])
         tl.store(PM + row, m_i, mask=hmask)

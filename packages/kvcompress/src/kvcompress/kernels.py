@@ -33,6 +33,33 @@ LOG2E = 1.4426950408889634
 if AVAILABLE:
 
     @triton.jit
+    def mask_bias(M, b, slot, valid, stride_mb, stride_ms, MASK_KIND: tl.constexpr):
+        """A tile of a decode step's mask as :func:`kernel_mask` hands it to a kernel: ``(valid, bias)``
+        for slots ``slot`` of batch row ``b``. Kind 1 (bool) narrows ``valid``; kind 2 (additive) gives
+        the bias in log2 units (to add to scores already in log2 units); the bias is zero otherwise."""
+        if MASK_KIND == 1:
+            mv = tl.load(M + b * stride_mb + slot * stride_ms, mask=valid, other=0)
+            valid = valid & (mv != 0)
+            bias = tl.zeros(slot.shape, tl.float32)
+        elif MASK_KIND == 2:
+            bias = tl.load(M + b * stride_mb + slot * stride_ms, mask=valid, other=0.0).to(tl.float32)
+            bias = bias * 1.4426950408889634
+        else:
+            bias = tl.zeros(slot.shape, tl.float32)
+        return valid, bias
+
+    @triton.jit
+    def online_softmax_step(s, m_i):
+        """One tile of online softmax over scores ``s`` ``[rows, tile]`` in log2 units (``-inf`` where not
+        attended), given the running row max ``m_i``: ``(p, alpha, m_new)``, with ``p = 2**(s - m_new)``
+        and ``alpha`` the factor that rescales what was accumulated before. Rows with nothing attended yet
+        keep ``m_new = -inf`` and get ``p = alpha = 0``."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        return tl.exp2(s - m_safe[:, None]), alpha, m_new
+
+    @triton.jit
     def _scores(q, K, kbase, tok, valid, offs_d, M, b, stride_mb, stride_ms, qk_scale, D: tl.constexpr,
                 MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr):
         """Scaled scores (log2 units) of one tile of slots, ``-inf`` where not attended; and the tile mask."""
@@ -42,12 +69,9 @@ if AVAILABLE:
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
-        if MASK_KIND == 1:
-            mv = tl.load(M + b * stride_mb + tok * stride_ms, mask=valid, other=0)
-            valid = valid & (mv != 0)
-        elif MASK_KIND == 2:
-            bias = tl.load(M + b * stride_mb + tok * stride_ms, mask=valid, other=0.0).to(tl.float32)
-            s = s + bias[None, :] * 1.4426950408889634
+        valid, bias = mask_bias(M, b, tok, valid, stride_mb, stride_ms, MASK_KIND)
+        if MASK_KIND == 2:
+            s = s + bias[None, :]
         return tl.where(valid[None, :], s, float("-inf")), valid
 
     @triton.jit(do_not_specialize=["n", "cap", "acap", "stride_mb", "stride_ms"],
@@ -72,10 +96,7 @@ if AVAILABLE:
             tok = n0 + offs_n
             s, valid = _scores(q, K, kbase, tok, tok < n, offs_d, M, b, stride_mb, stride_ms, qk_scale, D,
                                MASK_KIND, DOT_F32)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            p, alpha, m_new = online_softmax_step(s, m_i)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + kbase + tok[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
             if DOT_F32:
