@@ -22,7 +22,7 @@ from .layer import CompressedLayer
 from .model import attach
 from .params import param, parameters
 from .plugins import Entry, PluginFailure, Registry, get_registry
-from .policy import Policy, Representation, SelectionPolicy, SlotContext
+from .policy import CachePolicy, Policy, Representation, SelectionPolicy, SlotContext
 from .spec import parse_spec
 from .store import DenseStore, KVStore
 
@@ -53,7 +53,7 @@ def list_policies() -> list[PolicyInfo]:
 
 
 __all__ = [
-    "AttentionNotAttachedError", "AttentionRecord", "CompressedCache", "CompressedLayer", "DenseStore", "Entry",
+    "AttentionNotAttachedError", "AttentionRecord", "CachePolicy", "CompressedCache", "CompressedLayer", "DenseStore", "Entry",
     "Full", "FullCache", "KVCompressError", "KVStore", "PluginFailure", "Policy", "PolicyInfo",
     "PolicyUnavailableError", "Registry", "RegistrationConflictError", "Representation", "SelectionPolicy",
     "SlotBuffer", "SlotContext", "UnknownPolicyError", "attach", "build_policies", "capture_attention",

@@ -79,8 +79,23 @@ class CompressedCache(_Composable, Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
-            self.layers.append(CompressedLayer(self.selection, self.representation, len(self.layers)))
+            layer = CompressedLayer(self.selection, self.representation, len(self.layers))
+            layer.frozen = getattr(self, "_frozen", False)
+            self.layers.append(layer)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def compress(self) -> None:
+        """Evict every layer down to its policy's target now, whatever ``step`` says (e.g. right after a
+        context was prefilled, to compress it once before a question is fed)."""
+        for layer in self.layers:
+            layer.maybe_evict(force=True)
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop evicting (``frozen=True``) until ``freeze(False)``: the tokens fed meanwhile (a question,
+        an answer) are all kept, as kvpress evaluates a compressed context."""
+        for layer in self.layers:
+            layer.frozen = frozen
+        self._frozen = frozen
 
     def __repr__(self) -> str:
         return f"CompressedCache({self.spec!r}, layers={len(self.layers)})"
@@ -101,6 +116,9 @@ def build_policies(spec: str, **params: Any) -> tuple[Policy, Representation | N
     for name, kwargs in parts:
         cls = registry.policy(name).obj
         policy = cls.from_params(**kwargs)
+        if policy.kind == "cache" and len(parts) > 1:
+            raise ValueError(f"spec {spec!r}: {name!r} builds a cache of its own and composes with no other "
+                             "policy; allowed: it alone")
         if policy.kind == "representation":
             if representation is not None:
                 raise ValueError(f"spec {spec!r}: at most one representation policy, got "
@@ -122,6 +140,8 @@ def make_cache(spec: str, model: Any = None, **params: Any) -> Cache:
     from .model import attach
 
     selection, representation = build_policies(spec, **params)
+    if selection.kind == "cache":
+        return selection.build(model)
     if model is not None:
         attach(model)
     if isinstance(selection, Full) and representation is None:

@@ -42,6 +42,7 @@ class CompressedLayer(CacheLayerMixin):
         self.evictions = 0
         self.padded = False  # a padding mask was seen: padding may sit in some rows' slots
         self._shared_keep: dict[tuple[int, int], torch.Tensor] = {}
+        self.frozen = False  # True: no eviction until unfrozen (see CompressedCache.freeze)
 
     @property
     def is_croppable(self) -> bool:  # a rollback cannot bring evicted tokens back
@@ -176,9 +177,13 @@ class CompressedLayer(CacheLayerMixin):
             self.slots.tensors["valid"][:, :, self.slots.length - q : self.slots.length] &= new_valid[:, None, :]
         self.maybe_evict()
 
-    def maybe_evict(self) -> None:
+    def maybe_evict(self, force: bool = False) -> None:
+        """Evict down to the policy's target once ``step`` slots beyond it have accumulated (``force``:
+        whenever the layer holds more than the target), unless the layer is frozen."""
         target = self.selection.target(self.seen)
-        if target is None or self.slots.length < target + self.selection.step:
+        if target is None or self.frozen or not self.is_initialized:
+            return
+        if self.slots.length < target + (1 if force else self.selection.step):
             return
         n = self.slots.length
         if self.selection.positional and not self.padded:
@@ -219,9 +224,12 @@ class CompressedLayer(CacheLayerMixin):
         scores = scores.masked_fill(protected & valid, float("inf")).masked_fill(~valid, float("-inf"))
         return scores.topk(min(target, n), dim=-1, sorted=False).indices.sort(dim=-1).values
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds: stored K/V (however represented), the slot table, cached indices."""
+        if not self.is_initialized:
+            return []
+        return [*self.store.tensors(), *self.slots.tensors.values(), *self._shared_keep.values()]
+
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds: stored K/V (however represented) and per-slot state."""
-        if not self.is_initialized:
-            return 0
-        cached = sum(t.numel() * t.element_size() for t in self._shared_keep.values())
-        return self.store.nbytes() + self.slots.nbytes() + cached
+        return sum(t.numel() * t.element_size() for t in self.held_tensors())

@@ -173,3 +173,15 @@ class Representation(Policy):
     def make_store(self, layer_idx: int) -> KVStore:
         """A fresh store for layer ``layer_idx``."""
         raise NotImplementedError(f"{type(self).__name__} must implement make_store()")
+
+
+@dataclass
+class CachePolicy(Policy):
+    """A policy that builds a whole transformers ``Cache`` of its own (a peer's cache, such as transformers'
+    ``QuantizedCache``), so that it is measured like any policy. It composes with no other policy."""
+
+    kind: ClassVar[str] = "cache"
+
+    def build(self, model: Any) -> Any:
+        """A fresh cache for ``model`` (which may be ``None``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build()")
