@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -47,19 +50,17 @@ def test_kv_bytes_by_device_sums_to_total():
         assert list(per) == ["cpu"] and per["cpu"] == kvcompress.kv_bytes(cache) > 0
 
 
+@dataclass
+class Plain(kvcompress.CachePolicy):
+    """transformers' DynamicCache, as a peer would register its own cache."""
+
+    name: ClassVar[str] = "plain"
+
+    def build(self, model):
+        return DynamicCache()
+
+
 def test_cache_policy_builds_its_own_cache_and_composes_with_nothing(monkeypatch):
-    from dataclasses import dataclass
-    from typing import ClassVar
-
-    @dataclass
-    class Plain(kvcompress.CachePolicy):
-        """transformers' DynamicCache, as a peer would register its own cache."""
-
-        name: ClassVar[str] = "plain"
-
-        def build(self, model):
-            return DynamicCache()
-
     reg = kvcompress.get_registry()
     monkeypatch.setitem(reg.policies, "plain", Entry("plain", Plain, "test", "0", "plain"))
     assert type(kvcompress.make_cache("plain")) is DynamicCache
