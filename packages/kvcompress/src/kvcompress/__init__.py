@@ -53,7 +53,8 @@ def list_policies() -> list[PolicyInfo]:
 
 
 __all__ = [
-    "AttentionNotAttachedError", "AttentionRecord", "CachePolicy", "CompressedCache", "CompressedLayer", "DenseStore", "Entry",
+    "AttentionNotAttachedError", "AttentionRecord", "CachePolicy", "CompressedCache", "CompressedLayer",
+    "DenseStore", "Entry",
     "Full", "FullCache", "KVCompressError", "KVStore", "PluginFailure", "Policy", "PolicyInfo",
     "PolicyUnavailableError", "Registry", "RegistrationConflictError", "Representation", "SelectionPolicy",
     "SlotBuffer", "SlotContext", "UnknownPolicyError", "attach", "build_policies", "capture_attention",
