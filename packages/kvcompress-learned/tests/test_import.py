@@ -1,0 +1,21 @@
+"""Registering the plugin imports neither torch nor transformers (`kvcompress list` stays fast)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_plugin_module_is_light():
+    code = ("import sys, kvcompress_learned.plugin; "
+            "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_the_policy_is_registered():
+    import kvcompress
+
+    entry = kvcompress.get_registry().policies["learned"]
+    assert entry.distribution == "kvcompress-learned"
+    assert kvcompress.validate_spec("learned(budget=256,weights=auto)")
