@@ -30,7 +30,8 @@ def test_chunked_label_sums_equal_plain_loops(label, horizon, relative):
         later = torch.arange(37).view(1, -1) > torch.arange(start, stop).view(-1, 1)
         chunk[..., later] = 7.0  # whatever a chunk holds at a query's later keys is not counted
         sums.add(chunk, start)
-    torch.testing.assert_close(sums.result().double(), reference(w, label, horizon, relative), rtol=1e-5, atol=1e-6)
+    want = reference(w, label, horizon, relative)
+    torch.testing.assert_close(sums.result().double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_future_bins_split_the_horizon_by_distance():
@@ -69,8 +70,8 @@ def test_collected_features_and_labels_match_eager_attention():
     try:
         inputs: dict[int, torch.Tensor] = {}
         mods = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
-        hooks = [m.register_forward_pre_hook(lambda m, a, k: inputs.__setitem__(m.layer_idx, k["hidden_states"]),
-                                             with_kwargs=True) for m in mods]
+        grab = lambda m, a, k: inputs.__setitem__(m.layer_idx, k["hidden_states"])  # noqa: E731
+        hooks = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in mods]
         for s in (0, 24):
             out = model(input_ids=ids[None, s:s + 24], past_key_values=DynamicCache(), output_attentions=True)
             for layer, weights in enumerate(out.attentions):
@@ -79,7 +80,8 @@ def test_collected_features_and_labels_match_eager_attention():
                                            atol=2e-3, rtol=2e-3)  # stored as float16
                 for name, (label, horizon, relative) in spec.items():
                     want = reference(w, label, horizon, relative)[0].float()
-                    torch.testing.assert_close(got.labels[name][layer, :, s:s + 24], want, atol=1e-5, rtol=1e-4)
+                    torch.testing.assert_close(got.labels[name][layer, :, s:s + 24], want,
+                                               atol=1e-5, rtol=1e-4)
         for h in hooks:
             h.remove()
     finally:

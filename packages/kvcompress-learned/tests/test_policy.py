@@ -75,20 +75,37 @@ def test_scores_are_the_mlp_of_each_tokens_attention_input(llama, tmp_path):
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_eviction_keeps_the_top_scores_plus_sink_and_recent(qwen2, tmp_path):
+@pytest.mark.parametrize("age_weight", [0.0, 1.0, 2.5])
+def test_eviction_keeps_the_top_aged_scores_plus_sink_and_recent(qwen2, tmp_path, age_weight):
+    """Kept: the sink and recent tokens, then the top of score + age_weight * age[floor(log2(age))]."""
     path = weights_file(tmp_path / "w.safetensors", qwen2, units=4, seed=1)
     tensors, _ = kvcompress.load_weights(path)
     ids = prompt(60, seed=2)
-    cache = kvcompress.make_cache(f"learned(budget=20,sink=2,recent=6,weights='{path}')", model=qwen2)
+    spec = f"learned(budget=20,sink=2,recent=6,age_weight={age_weight},weights='{path}')"
+    cache = kvcompress.make_cache(spec, model=qwen2)
     with torch.no_grad():
         qwen2(input_ids=ids, past_key_values=cache, use_cache=True)
+    age_bin = torch.tensor([(60 - p).bit_length() - 1 for p in range(60)])  # floor(log2(age))
     for i, hidden in enumerate(attention_inputs(qwen2, ids)):
-        scores = mlp(tensors, i, hidden)[..., 2:54]  # neither sink nor recent
-        top = scores.topk(12, dim=-1).indices + 2
+        scores = mlp(tensors, i, hidden)
+        aged = scores + age_weight * tensors["age"][i][:, age_bin].unsqueeze(0)
+        top = aged[..., 2:54].topk(12, dim=-1).indices + 2  # neither sink nor recent
         want = torch.cat([torch.arange(2).expand(1, 2, 2), top, torch.arange(54, 60).expand(1, 2, 6)], -1)
         got = cache.layers[i].slots.view("positions").long()
         assert torch.equal(got, want.sort(-1).values)
-        torch.testing.assert_close(cache.layers[i].slots.view("learned"), mlp(tensors, i, hidden).gather(2, got))
+        torch.testing.assert_close(cache.layers[i].slots.view("learned"), scores.gather(2, got))
+
+
+def test_the_age_curve_moves_the_kept_set_towards_recent_tokens(qwen2, tmp_path):
+    path = weights_file(tmp_path / "w.safetensors", qwen2, units=4, seed=1)  # age table: -floor(log2(age))/2
+    kept = {}
+    for weight in (0.0, 3.0):
+        spec = f"learned(budget=20,sink=2,recent=6,age_weight={weight},weights='{path}')"
+        cache = kvcompress.make_cache(spec, model=qwen2)
+        with torch.no_grad():
+            qwen2(input_ids=prompt(60, seed=2), past_key_values=cache, use_cache=True)
+        kept[weight] = cache.layers[0].slots.view("positions").float()
+    assert kept[3.0].mean() > kept[0.0].mean() + 2
 
 
 def test_decoding_stays_within_budget_and_positions_stay_true(llama):
@@ -125,7 +142,8 @@ def test_reported_bytes_are_the_tensors_held_scores_included(llama):
     for layer in cache.layers:
         table = layer.slots.tensors
         assert sorted(table) == ["learned", "positions", "valid"]
-        assert table["learned"].shape == (2, 2, layer.slots.capacity) and table["learned"].dtype == torch.float32
+        assert table["learned"].shape == (2, 2, layer.slots.capacity)
+        assert table["learned"].dtype == torch.float32
         parts = [*layer.store.tensors(), *table.values()]
         assert layer.nbytes() == sum(t.numel() * t.element_size() for t in parts)
     assert kvcompress.kv_bytes(cache) == sum(layer.nbytes() for layer in cache.layers)

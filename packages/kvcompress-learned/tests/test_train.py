@@ -48,7 +48,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def run_train(tiny_dir: Path, data: Path, out: Path, *extra: str) -> int:
     return main(["train", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--tokens", "600",
-                 "--seq-len", "120", "--horizon", "16", "--units", "8", "--epochs", "4", "--no-progress", *extra])
+                 "--seq-len", "120", "--horizon", "16", "--units", "8", "--epochs", "4", "--no-progress",
+                 *extra])
 
 
 def test_train_writes_a_scorer_the_policy_loads_and_uses(tiny_dir, tmp_path, capsys):
@@ -60,7 +61,8 @@ def test_train_writes_a_scorer_the_policy_loads_and_uses(tiny_dir, tmp_path, cap
     tensors, meta = kvcompress.load_weights(out)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
         "w1": (2, 64, 8), "b1": (2, 8), "w2": (2, 8, 2), "b2": (2, 2), "age": (2, 2, 20)}
-    assert meta["label"] == "future" and meta["horizon"] == "16" and meta["architecture"] == "LlamaForCausalLM"
+    assert meta["label"] == "future" and meta["horizon"] == "16"
+    assert meta["architecture"] == "LlamaForCausalLM"
     assert meta["training_text"].startswith("text.txt (first half by article: 3 articles")
     assert meta["version"].startswith("kvcompress-learned ") and meta["seed"] == "0"
 

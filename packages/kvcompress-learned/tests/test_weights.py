@@ -34,7 +34,8 @@ def test_pickle_files_are_refused(llama, tmp_path, name):
 
 def test_a_safetensors_file_that_is_no_scorer_is_refused(llama, tmp_path):
     path = weights_file(tmp_path / "other.safetensors", llama, format="something-else/2")
-    with pytest.raises(kvcompress.WeightsError, match="is not a learned scorer .*'format' is 'something-else/2'"):
+    with pytest.raises(kvcompress.WeightsError,
+                       match="is not a learned scorer .*'format' is 'something-else/2'"):
         kvcompress.make_cache(f"learned(budget=64,weights='{path}')", model=llama)
 
 
@@ -46,7 +47,8 @@ def test_a_missing_file_is_named(llama):
 def test_auto_without_shipped_weights_names_the_train_command(llama):
     with pytest.raises(kvcompress.WeightsError) as err:
         kvcompress.make_cache("learned(budget=64)", model=llama)
-    assert "no shipped weights fit LlamaForCausalLM (2 layers, hidden size 64, 2 kv heads of dim 16)" in str(err.value)
+    assert ("no shipped weights fit LlamaForCausalLM (2 layers, hidden size 64, 2 kv heads of dim 16)"
+            in str(err.value))
     assert TRAIN_COMMAND in str(err.value)
 
 
@@ -61,9 +63,10 @@ def test_weights_are_loaded_once_per_cache_and_bound_per_layer(llama, tmp_path):
 
 
 def test_random_weights_have_the_shape_of_the_model():
-    """weights='random' needs only the model's dims: e.g. Llama-3-8B's (32 layers, hidden 4096, 8 kv heads)."""
-    info = kvcompress.ModelInfo(config=object(), architecture="LlamaForCausalLM", num_layers=32, hidden_size=4096,
-                                num_heads=32, num_kv_heads=8, head_dim=128)
+    """weights='random' needs only the model's dims: e.g. Llama-3-8B's (32 layers, hidden 4096, 8 kv
+    heads)."""
+    info = kvcompress.ModelInfo(config=object(), architecture="LlamaForCausalLM", num_layers=32,
+                                hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128)
     tensors, meta = resolve("random", info, seed=1)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
         "w1": (32, 4096, 16), "b1": (32, 16), "w2": (32, 16, 8), "b2": (32, 8), "age": (32, 8, 20)}

@@ -28,7 +28,8 @@ def load(model: str, device: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model == "smollm2" or model.endswith(".gguf"):
-        raise SystemExit(f"--model {model}: loading it needs kvcompress-harness (pip install kvcompress-harness); "
+        raise SystemExit(f"--model {model}: loading it needs kvcompress-harness "
+                         "(pip install kvcompress-harness); "
                          "or pass a transformers model directory or hub id")
     return AutoModelForCausalLM.from_pretrained(model).eval().to(device), AutoTokenizer.from_pretrained(model)
 
@@ -45,7 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                  horizon=args.horizon, units=args.units, epochs=args.epochs, seq_len=args.seq_len,
                  progress=not args.no_progress)
     cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start
-    print(f"wrote {done.path} ({done.path.stat().st_size} bytes; label {args.label}; validation rank correlation "
+    print(f"wrote {done.path} ({done.path.stat().st_size} bytes; label {args.label}; "
+          f"validation rank correlation "
           f"{done.metadata['val_spearman']}; {cpu:.0f} s CPU time, {wall:.0f} s wall)")
     return 0
 
@@ -75,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="the weights file to write (.safetensors)")
     t.add_argument("--label", choices=("future", "h2o"), default=DEFAULTS["label"],
                    help="what the scorer predicts (default %(default)s)")
-    t.add_argument("--tokens", type=int, default=DEFAULTS["tokens"], help="training tokens (default %(default)s)")
+    t.add_argument("--tokens", type=int, default=DEFAULTS["tokens"],
+                   help="training tokens (default %(default)s)")
     t.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     t.add_argument("--horizon", type=int, default=DEFAULTS["horizon"],
                    help="queries of the future label (default %(default)s)")
@@ -90,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print a weights file's metadata")
     s.add_argument("weights")
     s.set_defaults(func=cmd_show)
-    h = sub.add_parser("split", help="write one half (by article) of a text file: the held-out half for quality")
+    h = sub.add_parser("split", help="write one half (by article) of a text file: the held-out half for "
+                                     "quality")
     h.add_argument("--data", required=True)
     h.add_argument("--half", choices=("first", "second"), default="second")
     h.add_argument("--out", required=True)

@@ -29,7 +29,7 @@ class Collected:
     """Features and labels of ``T`` tokens (the sequences one after another)."""
 
     features: torch.Tensor  # [layers, T, hidden] float16: attention-layer inputs
-    labels: dict[str, torch.Tensor]  # name -> [layers, H_kv, T] (h2o) or [layers, H_kv, T, bins] (future) sums
+    labels: dict[str, torch.Tensor]  # name -> [layers, H_kv, T] (h2o) or [layers, H_kv, T, bins] (future)
     counts: dict[str, torch.Tensor]  # name -> [T] or [T, bins]: queries each label sums over
     position: torch.Tensor  # [T] position of the token in its sequence
     sequences: int = 0

@@ -49,7 +49,8 @@ def find_shipped(dims: dict[str, str]) -> Path:
             return path
     names = ", ".join(shipped()) or "none"
     raise kvcompress.WeightsError(
-        f"learned: parameter 'weights' is 'auto' but no shipped weights fit {_describe(dims)} (shipped: {names}); "
+        f"learned: parameter 'weights' is 'auto' but no shipped weights fit {_describe(dims)} "
+        f"(shipped: {names}); "
         f"train them with `{TRAIN_COMMAND}` and pass learned(weights='weights.safetensors')")
 
 

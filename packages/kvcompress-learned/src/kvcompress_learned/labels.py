@@ -54,7 +54,8 @@ class LabelSums:
         nb = bins(self.horizon)
         if self.sums is None:
             self.sums = torch.zeros(b, h, s * (nb + 1), dtype=torch.float32, device=w.device)
-        slot = torch.where((d >= 1) & (d <= self.horizon), distance_bin(d.clamp(min=1)), nb)  # nb: not counted
+        inside = (d >= 1) & (d <= self.horizon)
+        slot = torch.where(inside, distance_bin(d.clamp(min=1)), nb)  # bin nb: not counted
         index = (torch.arange(s, device=w.device).view(1, s) * (nb + 1) + slot).view(1, 1, c * s)
         self.sums.scatter_add_(2, index.expand(b, h, c * s), w.reshape(b, h, c * s))
 

@@ -34,8 +34,8 @@ class Learned(SelectionPolicy):
     weights: str = param("auto", help="'auto' (the weights shipped for the model in use), a shipped name, "
                                       "a .safetensors path, or 'random' (right shape, random values)")
     seed: int = param(0, min=0, help="seed of weights='random'")
-    age_weight: float = param(1.0, min=0.0, help="how much of the learned age curve is added to the scores at "
-                                                  "eviction (0: scores as they arrived)")
+    age_weight: float = param(1.0, min=0.0, help="how much of the learned age curve is added to the scores "
+                                                  "at eviction (0: scores as they arrived)")
 
     def setup(self, model: ModelInfo) -> dict[str, Any]:
         from .files import resolve

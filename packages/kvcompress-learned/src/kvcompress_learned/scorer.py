@@ -61,7 +61,8 @@ def random_tensors(layers: int, features: int, heads: int, units: int, seed: int
     """Random scorer weights of the right shape (speed measurements only: their scores mean nothing)."""
     g = torch.Generator().manual_seed(seed)
     width = units or heads
-    t = {"w1": torch.randn(layers, features, width, generator=g) / features**0.5, "b1": torch.zeros(layers, width)}
+    t = {"w1": torch.randn(layers, features, width, generator=g) / features**0.5,
+         "b1": torch.zeros(layers, width)}
     if units:
         t["w2"] = torch.randn(layers, units, heads, generator=g) / units**0.5
         t["b2"] = torch.zeros(layers, heads)

@@ -29,7 +29,8 @@ class Half:
 
     def describe(self) -> str:
         what = f"{self.articles} articles" if self.articles else "lines"
-        return f"{self.source} ({self.half} half by article: {what}, {len(self.text)} chars, sha256 {self.sha256[:12]})"
+        return (f"{self.source} ({self.half} half by article: {what}, {len(self.text)} chars, "
+                f"sha256 {self.sha256[:12]})")
 
 
 def read_text(path: str | Path) -> str:

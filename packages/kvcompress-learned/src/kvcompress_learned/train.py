@@ -38,7 +38,8 @@ class Trained:
     metadata: dict[str, str]
 
 
-def targets(sums: torch.Tensor, counts: torch.Tensor, label: str, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+def targets(sums: torch.Tensor, counts: torch.Tensor, label: str, horizon: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log targets [L, H, T], usable [T])`` from label sums: ``future`` as the mean relative attention
     over a full horizon (tokens whose horizon the sequence cuts short are not used), ``h2o`` as H2O's
     accumulated attention itself."""
@@ -74,7 +75,8 @@ def fit_scorer(got: Any, label: str, horizon: int, units: int, epochs: int, seed
     index = torch.arange(n)
     result = fit(got.features, y, index[usable & ~held], index[usable & held], units=units, epochs=epochs,
                  seed=seed, progress=progress)
-    tensors = {k: v.to(torch.float16) if k in HALF_PRECISION else v.float() for k, v in result.tensors.items()}
+    tensors = {k: v.to(torch.float16) if k in HALF_PRECISION else v.float()
+               for k, v in result.tensors.items()}
     z, bins_usable = binned_targets(got.labels["future"], got.counts["future"])
     train_tokens = index[~held]
     scores = predict(got.features, tensors, train_tokens)
@@ -84,8 +86,8 @@ def fit_scorer(got: Any, label: str, horizon: int, units: int, epochs: int, seed
 
 def train(model: Any, tokenizer: Any, data: str | Path, out: str | Path, label: str = DEFAULTS["label"],
           tokens: int = DEFAULTS["tokens"], seed: int = DEFAULTS["seed"], horizon: int = DEFAULTS["horizon"],
-          units: int = DEFAULTS["units"], epochs: int = DEFAULTS["epochs"], seq_len: int = DEFAULTS["seq_len"],
-          progress: bool = True) -> Trained:
+          units: int = DEFAULTS["units"], epochs: int = DEFAULTS["epochs"],
+          seq_len: int = DEFAULTS["seq_len"], progress: bool = True) -> Trained:
     """Train ``model``'s scorer on the first half of the text file ``data`` (by article) and write it to
     ``out`` (``.safetensors``). Deterministic for a given ``seed`` on one machine and thread count."""
     import transformers
@@ -110,14 +112,16 @@ def train(model: Any, tokenizer: Any, data: str | Path, out: str | Path, label: 
     text = half(data, "first")
     ids = tokenizer(text.text, add_special_tokens=False, return_tensors="pt").input_ids[0][:tokens]
     if ids.numel() < 16:
-        raise ValueError(f"train: parameter 'data': the first half of {str(data)!r} has {ids.numel()} tokens; "
+        raise ValueError(f"train: parameter 'data': the first half of {str(data)!r} has {ids.numel()} "
+                         "tokens; "
                          "allowed: at least 16")
     got = collect(model.eval(), ids, seq_len, collect_spec(label, horizon), progress=progress)
     tensors, fitted = fit_scorer(got, label, horizon, units, epochs, seed, progress)
     info = kvcompress.ModelInfo.from_model(model)
     metadata = {
         "format": FORMAT, **model_dims(info), "model": str(info.name or ""), "features": "attention input",
-        "label": label, "horizon": str(horizon), "relative": str(label == "future").lower(), "units": str(units),
+        "label": label, "horizon": str(horizon), "relative": str(label == "future").lower(),
+        "units": str(units),
         "epochs": str(epochs), "tokens": str(ids.numel()), "seq_len": str(seq_len), "seed": str(seed),
         "training_text": text.describe(), **fitted, "version": f"kvcompress-learned {__version__}",
         "trained_with": f"torch {torch.__version__}, transformers {transformers.__version__}, "
