@@ -187,7 +187,7 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         if observe:
             acc = policy.accumulated_attention()
             if acc is not None:
-                accumulate = Accumulate(layer.slots.tensors[acc[0]], acc[1])
+                accumulate = Accumulate(layer.slots.tensors[acc[0]], acc[1], len(acc) > 2 and acc[2] == "set")
         if not observe or accumulate is not None:
             out = layer.store.attend(query, attention_mask, scaling, bias=bias, accumulate=accumulate)
             if out is not None:  # the store attended (and observed) from its own form

@@ -78,9 +78,25 @@ class Random(SelectionPolicy):
         return torch.rand(ctx.positions.shape, generator=ctx.bound, device=ctx.positions.device)
 
 
+@dataclass
+class KeyDiff(SelectionPolicy):
+    """KeyDiff (2025): keep the keys least like the mean key direction (attention-free, any attention kernel)."""
+
+    name: ClassVar[str] = "keydiff"
+
+    def score(self, ctx: SlotContext) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        keys = F.normalize(ctx.keys.float(), dim=-1)
+        valid = ctx.valid.unsqueeze(-1)
+        anchor = F.normalize((keys * valid).sum(2), dim=-1)  # the mean direction of the real keys
+        return -(keys * anchor.unsqueeze(2)).sum(-1)  # far from it: distinctive, kept
+
+
 @hookimpl
 def register_policies(register) -> None:
     register(Full)
     register(Window)
     register(Sink)
     register(Random)
+    register(KeyDiff)

@@ -144,11 +144,12 @@ class SelectionPolicy(Policy):
         as eager attention rounds them, so accumulate them with ``dtype=torch.float32`` where it matters.
         """
 
-    def accumulated_attention(self) -> tuple[str, str] | None:
-        """``(state, reduce)`` when :meth:`observe` only adds, into the float32 slot state ``state``, the
-        attention each slot receives, reduced over the G query heads of its kv head by ``reduce`` ("sum"
-        or "max") and summed over queries. A store may then do that inside its decode kernel instead of
-        the core calling :meth:`observe` (decode steps on a GPU). ``None``: always observe.
+    def accumulated_attention(self) -> tuple[str, ...] | None:
+        """``(state, reduce)`` when, for a decode step, :meth:`observe` only adds into the float32 slot state
+        ``state`` the attention each slot receives, reduced over the G query heads of its kv head by
+        ``reduce`` ("sum" or "max"); ``(state, reduce, "set")`` when it writes that instead of adding (the
+        latest query's attention). A store may then do that inside its decode kernel instead of the core
+        calling :meth:`observe` (decode steps on a GPU). ``None``: always observe.
         """
         return None
 

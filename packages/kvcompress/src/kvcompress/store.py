@@ -38,10 +38,12 @@ class Step:
 @dataclass(frozen=True)
 class Accumulate:
     """Where a fused decode kernel adds each slot's attention: the float32 slot state ``into``
-    ``[B, H_kv, >= S]`` and how the G query heads of a kv head combine (``reduce``: "sum" or "max")."""
+    ``[B, H_kv, >= S]``, how the G query heads of a kv head combine (``reduce``: "sum" or "max"), and
+    whether the step's attention replaces what is there instead of adding to it (``replace``)."""
 
     into: torch.Tensor
     reduce: str
+    replace: bool = False
 
 
 class KVStore(ABC):
@@ -160,6 +162,6 @@ class DenseStore(KVStore):
         if bias is None and accumulate is None:
             return None  # sdpa is as fast
         buf = self.buf.tensors
-        acc = (accumulate.into, accumulate.reduce) if accumulate is not None else None
+        acc = (accumulate.into, accumulate.reduce, accumulate.replace) if accumulate is not None else None
         return _kernels.fused_decode(query, buf["keys"], buf["values"], self.buf.length, attention_mask,
                                      scaling, bias, acc)
