@@ -106,7 +106,9 @@ class CompressedLayer(CacheLayerMixin):
     def _capacity(self) -> int | None:
         """The most slots this layer holds between evictions (``None``: no fixed bound)."""
         target = self.selection.target(self.seen)
-        return None if target is None or self.selection.ratio_driven else target + self.selection.step
+        if target is None or self.selection.ratio_driven:
+            return None
+        return self.selection.kept_slots(target) + self.selection.step
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -260,7 +262,7 @@ class CompressedLayer(CacheLayerMixin):
         target = self.selection.target(self.seen)
         if target is None or self.frozen or not self.is_initialized:
             return
-        if self.slots.length < target + (1 if force else self.selection.step):
+        if self.slots.length < self.selection.kept_slots(target) + (1 if force else self.selection.step):
             return
         n = self.slots.length
         if self.selection.positional and not self.padded and "bias" not in self.slots.tensors:
@@ -282,9 +284,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def _apply(self, plan: Plan, target: int) -> None:
         """Apply ``plan`` to the slot table and the store, in one place."""
-        if plan.size > target:
+        if plan.size > self.selection.kept_slots(target):
             raise ValueError(
-                f"{self.selection.name}: its plan keeps {plan.size} slots; allowed: at most the target {target}"
+                f"{self.selection.name}: its plan keeps {plan.size} slots; allowed: at most the target "
+                f"{self.selection.kept_slots(target)}"
             )
         simple = plan.keys is None and plan.bias is None and not plan.states and plan.added is None
         if simple:

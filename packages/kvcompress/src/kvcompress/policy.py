@@ -96,6 +96,10 @@ class SelectionPolicy(Policy):
     sink: int = param(0, min=0, help="first tokens always kept")
     recent: int = param(0, min=0, help="last tokens always kept")
     step: int = param(1, min=1, help="evict every `step` tokens (amortises the gather)")
+    adaptive: float = param(1.0, min=1.0, max=8.0,
+                            help="per-head adaptive budgets (AdaKV): a layer's heads share heads x budget slots "
+                                 "by score, each keeping between budget/adaptive and budget*adaptive (the slots a "
+                                 "head does not use are masked and still held); 1: every head keeps budget")
 
     @classmethod
     def from_params(cls, **params: Any) -> Policy:
@@ -123,6 +127,11 @@ class SelectionPolicy(Policy):
         if self.ratio is not None:
             return max(math.ceil(self.ratio * seen), self.sink + self.recent, 1)
         return self.budget
+
+    def kept_slots(self, target: int) -> int:
+        """Slots a layer holds right after an eviction to ``target`` tokens (more than ``target`` only with
+        ``adaptive``: the heads' unused slots)."""
+        return math.ceil(target * self.adaptive) if self.adaptive > 1.0 else target
 
     def bind(self, layer: LayerInfo) -> Any:
         """Called once per layer, at its first update: return the layer's own state (counters, generators,
@@ -164,6 +173,9 @@ class SelectionPolicy(Policy):
         (:func:`kvcompress.merge_into` builds the common weighted-mean merge)."""
         from .plan import Plan
 
+        if self.adaptive > 1.0:
+            keep, live = ctx.select_adaptive(self.score(ctx), target, self.adaptive)
+            return Plan(keep=keep, bias=live.float().log())  # the slots a head does not use: bias -inf
         return Plan(keep=ctx.select(self.score(ctx), target))
 
 
