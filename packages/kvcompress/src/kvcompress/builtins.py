@@ -38,6 +38,15 @@ class Full(Policy):
 
 
 @dataclass
+class Dense(Full):
+    """No compression, in kvcompress's own layer: every token kept in the model's dtype, written in place
+    (no per-step copy of the whole cache as transformers' DynamicCache does), so the same decode path as the
+    compressing policies, CUDA graphs included."""
+
+    name: ClassVar[str] = "dense"
+
+
+@dataclass
 class Window(SelectionPolicy):
     """Sliding window: keep the most recent `budget` tokens."""
 
@@ -96,6 +105,7 @@ class KeyDiff(SelectionPolicy):
 @hookimpl
 def register_policies(register) -> None:
     register(Full)
+    register(Dense)
     register(Window)
     register(Sink)
     register(Random)
