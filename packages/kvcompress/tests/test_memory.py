@@ -18,7 +18,8 @@ _ELEMENT = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.int32: 
 
 def _selection_policies() -> list[str]:
     reg = kvcompress.get_registry()
-    return sorted(n for n, e in reg.policies.items() if e.obj.kind == "selection" and n != "full")
+    return sorted(n for n, e in reg.policies.items() if isinstance(e.obj, type)
+                  and issubclass(e.obj, kvcompress.SelectionPolicy))
 
 
 def _fill(model, cache, n: int) -> None:
