@@ -110,3 +110,15 @@ def test_tova_under_compression_tracks_the_latest_query(llama):
         last = layer.slots.view("last")
         assert layer.slots.length == 8 and torch.isfinite(last).all() and (last >= 0).all()
         assert F.normalize(last, p=1, dim=-1).sum(-1).allclose(torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("spec,queries", [("tova(budget=16)", 1), ("snapkv(budget=16,votes=6)", 6)])
+def test_a_prompt_is_observed_only_where_the_policy_looks(spec, queries, llama, monkeypatch):
+    cache = kvcompress.make_cache(spec, model=llama)
+    shown = []
+    original = type(cache.selection).observe
+    monkeypatch.setattr(type(cache.selection), "observe",
+                        lambda self, ctx, w, pos: (shown.append(tuple(pos.tolist())), original(self, ctx, w, pos)))
+    with torch.no_grad():
+        llama(input_ids=prompt(40), past_key_values=cache, use_cache=True)
+    assert shown and all(p == tuple(range(40 - queries, 40)) for p in shown)  # every layer: the last queries

@@ -31,8 +31,8 @@ class AttentionScored(SelectionPolicy):
     def bind(self, layer: LayerInfo) -> dict[str, Any]:
         return {"prompt": 0, "decode": 0, "multi_seen": None}
 
-    def _note_queries(self, ctx: SlotContext, weights: torch.Tensor) -> None:
-        if weights.shape[3] > 1:  # only a prompt's first chunk has several queries: shape only, no sync
+    def on_tokens(self, ctx: SlotContext) -> None:
+        if ctx.new > 1:  # a multi-token forward: an eviction right after it compresses a prompt
             ctx.bound["multi_seen"] = ctx.seen
 
     def _note_eviction(self, ctx: SlotContext) -> None:
@@ -83,7 +83,6 @@ class H2O(AttentionScored):
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         import torch
 
-        self._note_queries(ctx, weights)
         heads = weights if self.gqa == "sum" else weights.amax(2, keepdim=True)  # [B, Hkv, G or 1, q, S]
         ctx.state["acc"].add_(heads.sum((2, 3), dtype=torch.float32))
 
@@ -109,7 +108,6 @@ class LRU(AttentionScored):
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         import torch
 
-        self._note_queries(ctx, weights)
         used = (weights > self.threshold).any(2)  # [B, Hkv, q, S]: any query head of the group
         when = query_positions.to(torch.float32).view(1, 1, -1, 1)
         last = ctx.state["last"]

@@ -29,6 +29,9 @@ class TOVA(SelectionPolicy):
     def accumulated_attention(self) -> tuple[str, str, str]:
         return "last", "sum", "set"  # a decode step's attention replaces the last one
 
+    def observed_queries(self, q: int) -> int:
+        return 1  # only the latest query counts: a prompt's other queries need no attention weights
+
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         import torch
 
@@ -59,6 +62,9 @@ class SnapKV(SelectionPolicy):
 
     def accumulated_attention(self) -> tuple[str, str]:
         return "votes", "sum"  # a decode step's query is always among the last `votes`
+
+    def observed_queries(self, q: int) -> int:
+        return min(q, self.votes)  # the window only: the rest of a prompt needs no attention weights
 
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         import torch

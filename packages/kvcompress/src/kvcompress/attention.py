@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import _prefill_kernels
 from .layer import CompressedLayer, current
 from .store import Accumulate
 
@@ -83,7 +84,10 @@ def _weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
     if bias is not None:
         scores = scores + bias[:, :, None, None, :]
     if mask is not None:
-        scores = scores + _mask_bias(mask[:, :, start:stop]).unsqueeze(1)
+        bias_rows = _mask_bias(mask[:, :, start:stop])
+        if mask.dtype != torch.bool:  # "-min" is masked: a padding query that sees nothing observes nothing
+            bias_rows = bias_rows.masked_fill(bias_rows <= torch.finfo(bias_rows.dtype).min / 2, float("-inf"))
+        scores = scores + bias_rows.unsqueeze(1)
     elif q_total > 1:  # sdpa's implicit causal mask, bottom-right aligned
         qpos = torch.arange(start, stop, device=key.device).view(-1, 1) + (s - q_total)
         scores = scores.masked_fill(torch.arange(s, device=key.device).view(1, -1) > qpos, float("-inf"))
@@ -207,7 +211,14 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         chunks = [(0, 1, weights)]
     else:
         out = _sdpa(module, query, key, value, attention_mask, dropout, scaling, bias, kwargs)
-        chunks = ((i, min(i + QUERY_CHUNK, q), None) for i in range(0, q, QUERY_CHUNK))
+        needed = q if capturing else min(q, policy.observed_queries(q))
+        acc = policy.accumulated_attention()
+        if (needed == q and not capturing and acc is not None and (len(acc) < 3 or acc[2] != "set")
+                and _prefill_kernels.prompt_observe(query, key, attention_mask, scaling, bias,
+                                                    layer.slots.tensors[acc[0]], acc[1])):
+            layer.finish_attention(new_valid, query)  # each slot's prompt attention added in two kernel passes
+            return out, None
+        chunks = ((i, min(i + QUERY_CHUNK, q), None) for i in range(q - needed, q, QUERY_CHUNK))
     table = layer.slots.tensors["positions"]  # the new tokens' slots: [n - q, n)
     first = layer.slots.length - q
     ctx = layer.context(query, q) if observe else None

@@ -145,6 +145,11 @@ class SelectionPolicy(Policy):
         ``needs_hidden_states``) are this step's. Write per-slot state for the new slots
         (``ctx.state[name][..., -ctx.new:]``) or update ``ctx.bound``. Not overriding it costs nothing."""
 
+    def observed_queries(self, q: int) -> int:
+        """How many of the last queries of a ``q``-token forward :meth:`observe` needs (default: all). The core
+        computes attention weights for those only (TOVA: the last one)."""
+        return q
+
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         """Called with attention weights ``[B, H_kv, G, q, S]`` (G query heads per kv head) when
         ``needs_attention``; update ``ctx.state`` in place.
@@ -158,7 +163,8 @@ class SelectionPolicy(Policy):
         ``state`` the attention each slot receives, reduced over the G query heads of its kv head by
         ``reduce`` ("sum" or "max"); ``(state, reduce, "set")`` when it writes that instead of adding (the
         latest query's attention). A store may then do that inside its decode kernel instead of the core
-        calling :meth:`observe` (decode steps on a GPU). ``None``: always observe.
+        calling :meth:`observe` (decode steps on a GPU). When it adds and :meth:`observed_queries` is every
+        query, a prompt's observation may be fused too (no weights materialised). ``None``: always observe.
         """
         return None
 
