@@ -29,14 +29,11 @@ class AttentionScored(SelectionPolicy):
     needs_attention: ClassVar[bool] = True
 
     def bind(self, layer: LayerInfo) -> dict[str, Any]:
-        return {"prompt": 0, "decode": 0, "multi_seen": None}
-
-    def on_tokens(self, ctx: SlotContext) -> None:
-        if ctx.new > 1:  # a multi-token forward: an eviction right after it compresses a prompt
-            ctx.bound["multi_seen"] = ctx.seen
+        return {"prompt": 0, "decode": 0}
 
     def _note_eviction(self, ctx: SlotContext) -> None:
-        ctx.bound["prompt" if ctx.bound["multi_seen"] == ctx.seen else "decode"] += 1
+        # right after a multi-token forward (or a cache.compress() between forwards): a prompt compressed
+        ctx.bound["decode" if ctx.new == 1 else "prompt"] += 1
 
 
 def evictions(cache: Any) -> dict[str, int]:

@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import _prefill_kernels
+from . import _kernels, _prefill_kernels
 from .layer import CompressedLayer, current
 from .store import Accumulate
 
@@ -181,6 +181,8 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         return out
     current.layer = None
     layer.returned_keys = None  # don't pin a decoded copy (a quantized store's) past this call
+    if layer.static is not None:
+        return _static_attention(layer, query, key, value, scaling), None
     q = query.shape[2]
     policy = layer.selection
     observe = policy.needs_attention
@@ -231,6 +233,30 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
             _record(layer.layer_idx, weights, layer.slots.view("positions").clone())
     layer.finish_attention(new_valid, query, ctx)
     return out, None
+
+
+def _static_attention(layer: CompressedLayer, query, key, value, scaling) -> torch.Tensor:
+    """A decode step over a layer's whole fixed capacity (kvcompress.static_generate): the bias masks empty
+    slots and padding, the model's mask is not needed; observation goes into the policy's state in place.
+    Graph-safe: no host reads of device values, no allocation that depends on them."""
+    policy = layer.selection
+    bias = layer.slots.tensors["bias"]
+    acc = policy.accumulated_attention() if policy.needs_attention else None
+    state = layer.slots.tensors[acc[0]] if acc is not None else None
+    cap = key.shape[2]
+    fused = (state, acc[1], len(acc) > 2 and acc[2] == "set") if acc is not None else None
+    out = _kernels.fused_decode(query, key, value, cap, None, scaling, bias, fused)
+    if out is None:
+        out, weights = decode_attention(query, key, value, None, scaling, bias)
+        if acc is not None:
+            reduced = (weights.amax(2) if acc[1] == "max" else weights.sum(2)).sum(2).float()  # [B, H, cap]
+            if len(acc) > 2 and acc[2] == "set":
+                state.copy_(reduced)
+            else:
+                state.add_(reduced)
+    layer.awaiting_attention = False
+    layer.static.count.add_(1)
+    return out
 
 
 _REGISTERED = False

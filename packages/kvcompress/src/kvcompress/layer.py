@@ -57,6 +57,7 @@ class CompressedLayer(CacheLayerMixin):
         self.awaiting_attention = False
         self.evictions = 0
         self.frozen = False  # True: no eviction until unfrozen (see CompressedCache.freeze)
+        self.static = None  # set by kvcompress.static_generate: a fixed layout for CUDA-graph decode steps
         self.padded = False  # a padding mask was seen: padding may sit in some rows' slots
         self._shared_keep: dict[tuple[int, int], torch.Tensor] = {}
         self._on_tokens = getattr(type(selection), "on_tokens", None) not in (None, SelectionPolicy.on_tokens)
@@ -111,6 +112,13 @@ class CompressedLayer(CacheLayerMixin):
         return self.selection.kept_slots(target) + self.selection.step
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static is not None:  # a decode step over the fixed layout (graph-safe: device-side only)
+            self.static.append(key_states, value_states)
+            buf = self.store.buf.tensors
+            self.returned_keys = buf["keys"]
+            self.awaiting_attention = True
+            current.layer = self
+            return buf["keys"], buf["values"]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_attention and (self.selection.target(self.seen) is not None
@@ -164,6 +172,8 @@ class CompressedLayer(CacheLayerMixin):
             t[name][:, :, n:].fill_(0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static is not None:  # the whole capacity is attended; the bias masks empty slots
+            return self.slots.capacity, 0
         if query_length == 0 and self.seen:
             raise CacheReuseError(
                 f"this cache already holds {self.seen} tokens of an earlier prompt and was given none new; "
@@ -254,11 +264,12 @@ class CompressedLayer(CacheLayerMixin):
             if ctx is None or ctx.queries is None:
                 ctx = self.context(queries, q)
             self.selection.on_tokens(ctx)
-        self.maybe_evict()
+        self.maybe_evict(new=q)
 
-    def maybe_evict(self, force: bool = False) -> None:
+    def maybe_evict(self, force: bool = False, new: int = 0) -> None:
         """Evict down to the policy's target once ``step`` slots beyond it have accumulated (``force``:
-        whenever the layer holds more than the target), unless the layer is frozen."""
+        whenever the layer holds more than the target), unless the layer is frozen. ``new``: the tokens of
+        the forward just attended (``ctx.new`` in the plan), 0 between forwards."""
         target = self.selection.target(self.seen)
         if target is None or self.frozen or not self.is_initialized:
             return
@@ -268,7 +279,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.selection.positional and not self.padded and "bias" not in self.slots.tensors:
             self._keep(self._positional_keep(n, target))
         else:
-            plan = self.selection.plan(self.context(), target)
+            plan = self.selection.plan(self.context(new=new), target)
             self._apply(plan, target)
         self.evictions += 1
         cap = self._capacity()
