@@ -73,7 +73,8 @@ class LayerInfo:
         are ``k * cos + rotate_half(k) * sin``; :mod:`kvcompress.rope` undoes and redoes it."""
         if self.model.rope is None:
             return None
-        return self.model.rope(positions)
+        cos, sin = self.model.rope(positions)
+        return cos.to(self.device), sin.to(self.device)  # a model split over devices: where this layer lives
 
 
 class SlotContext:
