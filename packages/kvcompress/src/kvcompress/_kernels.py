@@ -178,6 +178,9 @@ def append_pair(keys: torch.Tensor, values: torch.Tensor, at: int, new_keys: tor
     return True
 
 
+_FUSED: dict = {}
+
+
 def fused_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
                  attention_mask: torch.Tensor | None, scaling: float, bias: torch.Tensor | None = None,
                  accumulate: tuple | None = None) -> torch.Tensor | None:
@@ -209,12 +212,17 @@ def fused_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     mask_kind, mask, smb, sms = decode_mask
     if not query.is_contiguous():
         query = query.contiguous()
-    g = hq // hkv
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
-    consts = dict(HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=BLOCK_N,
-                  MASK_KIND=mask_kind, REDUCE_MAX=reduce == "max", DOT_F32=query.dtype == torch.float32,
-                  HAS_BIAS=bias is not None, OBSERVE=acc is not None, REPLACE=bool(replace))
-    key = (query.device, query.dtype, mask.dtype, *consts.values())
+    spec = (query.device, query.dtype, mask.dtype, hkv, hq, d, mask_kind, reduce, bias is not None, acc is not None,
+            bool(replace))
+    hit = _FUSED.get(spec)  # the launch constants of this kind of call, built once (a decode step is host-bound)
+    if hit is None:
+        g = hq // hkv
+        consts = dict(HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=BLOCK_N,
+                      MASK_KIND=mask_kind, REDUCE_MAX=reduce == "max", DOT_F32=query.dtype == torch.float32,
+                      HAS_BIAS=bias is not None, OBSERVE=acc is not None, REPLACE=bool(replace))
+        hit = _FUSED[spec] = ((query.device, query.dtype, mask.dtype, *consts.values()), consts)
+    key, consts = hit
     launch(_observed_decode_kernel, (b * hkv,), key,
            (query, keys, values, mask, acc if acc is not None else out, out, bias if bias is not None else out,
             n, cap, acc.shape[2] if acc is not None else 0, scaling * LOG2E, smb, sms,

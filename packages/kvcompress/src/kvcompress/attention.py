@@ -25,7 +25,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import _kernels, _prefill_kernels
 from .layer import CompressedLayer, current
-from .store import Accumulate
 
 NAME = "kvcompress"
 QUERY_CHUNK = 256  # queries per chunk when a prompt's attention weights are observed
@@ -189,11 +188,7 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     bias = layer.bias_view()
     new_valid = _new_valid(attention_mask, q)
     if q == 1 and not capturing:
-        accumulate = None
-        if observe:
-            acc = policy.accumulated_attention()
-            if acc is not None:
-                accumulate = Accumulate(layer.slots.tensors[acc[0]], acc[1], len(acc) > 2 and acc[2] == "set")
+        accumulate = layer.accumulate() if observe else None
         if not observe or accumulate is not None:
             out = layer.store.attend(query, attention_mask, scaling, bias=bias, accumulate=accumulate)
             if out is not None:  # the store attended (and observed) from its own form
@@ -214,7 +209,7 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     else:
         out = _sdpa(module, query, key, value, attention_mask, dropout, scaling, bias, kwargs)
         needed = q if capturing else min(q, policy.observed_queries(q))
-        acc = policy.accumulated_attention()
+        acc = layer._acc_spec
         if (needed == q and not capturing and acc is not None and (len(acc) < 3 or acc[2] != "set")
                 and _prefill_kernels.prompt_observe(query, key, attention_mask, scaling, bias,
                                                     layer.slots.tensors[acc[0]], acc[1])):
@@ -239,9 +234,8 @@ def _static_attention(layer: CompressedLayer, query, key, value, scaling) -> tor
     """A decode step over a layer's whole fixed capacity (kvcompress.static_generate): the bias masks empty
     slots and padding, the model's mask is not needed; observation goes into the policy's state in place.
     Graph-safe: no host reads of device values, no allocation that depends on them."""
-    policy = layer.selection
     bias = layer.slots.tensors["bias"]
-    acc = policy.accumulated_attention() if policy.needs_attention else None
+    acc = layer._acc_spec
     state = layer.slots.tensors[acc[0]] if acc is not None else None
     cap = key.shape[2]
     fused = (state, acc[1], len(acc) > 2 and acc[2] == "set") if acc is not None else None

@@ -13,7 +13,7 @@ from .context import LayerInfo, ModelInfo, SlotContext
 from .errors import AttentionNotAttachedError, CacheReuseError
 from .plan import Plan
 from .policy import SelectionPolicy
-from .store import DenseStore, Step
+from .store import Accumulate, DenseStore, Step
 
 # The layer whose ``update`` ran last in this thread: the attention call that follows is its own.
 current = threading.local()
@@ -61,6 +61,11 @@ class CompressedLayer(CacheLayerMixin):
         self.padded = False  # a padding mask was seen: padding may sit in some rows' slots
         self._shared_keep: dict[tuple[int, int], torch.Tensor] = {}
         self._on_tokens = getattr(type(selection), "on_tokens", None) not in (None, SelectionPolicy.on_tokens)
+        self._needs_rope = bool(getattr(representation, "needs_rope", False))
+        self._spread = getattr(selection, "adaptive", 1.0)
+        acc = selection.accumulated_attention() if getattr(selection, "needs_attention", False) else None
+        self._acc_spec = acc  # (state, reduce[, "set"]) or None: asked once, not per step
+        self._acc: Accumulate | None = None
 
     # -- transformers' layer contract ----------------------------------------------------------------
     @property
@@ -104,12 +109,28 @@ class CompressedLayer(CacheLayerMixin):
             self.store = rep.make_store(LayerInfo(**base, shared=shared.get("representation")))
         self.is_initialized = True
 
+    def _kept(self, target: int) -> int:
+        """Slots held right after an eviction to ``target`` (more with adaptive budgets)."""
+        return target if self._spread == 1.0 else self.selection.kept_slots(target)
+
     def _capacity(self) -> int | None:
         """The most slots this layer holds between evictions (``None``: no fixed bound)."""
         target = self.selection.target(self.seen)
         if target is None or self.selection.ratio_driven:
             return None
-        return self.selection.kept_slots(target) + self.selection.step
+        return self._kept(target) + self.selection.step
+
+    def accumulate(self) -> Accumulate | None:
+        """Where a fused decode kernel puts the policy's observation (``accumulated_attention()``), or None;
+        made again only when the slot table reallocates."""
+        spec = self._acc_spec
+        if spec is None:
+            return None
+        into = self.slots.tensors[spec[0]]
+        acc = self._acc
+        if acc is None or acc.into is not into:
+            acc = self._acc = Accumulate(into, spec[1], len(spec) > 2 and spec[2] == "set")
+        return acc
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.static is not None:  # a decode step over the fixed layout (graph-safe: device-side only)
@@ -134,11 +155,14 @@ class CompressedLayer(CacheLayerMixin):
             self.slots.length += q  # positions, validity, state and bias of free slots are pre-filled
         else:
             self._append_slots(b, h, q, key_states.device, cap)
-        inputs = _captured_inputs(self.layer_idx)
-        cos, sin = inputs.get("rope", (None, None))
-        self.store.append(key_states, value_states, Step(start=self.seen, cap=cap, cos=cos, sin=sin))
+        if self._needs_rope:
+            cos, sin = _captured_inputs(self.layer_idx).get("rope", (None, None))
+            self.store.append(key_states, value_states, Step(self.seen, cap, cos, sin))
+        else:
+            self.store.append(key_states, value_states, Step(self.seen, cap))
         self.seen += q
-        stand_ins = None if self.selection.needs_attention else self.store.stand_ins()
+        # stand-ins when the store will attend: always, unless the policy observes what no kernel can
+        stand_ins = None if self.selection.needs_attention and self._acc_spec is None else self.store.stand_ins()
         keys, values = stand_ins if stand_ins is not None else self.store.keys_values()
         self.dense_returned = stand_ins is None
         self.returned_keys = keys
@@ -273,7 +297,7 @@ class CompressedLayer(CacheLayerMixin):
         target = self.selection.target(self.seen)
         if target is None or self.frozen or not self.is_initialized:
             return
-        if self.slots.length < self.selection.kept_slots(target) + (1 if force else self.selection.step):
+        if self.slots.length < self._kept(target) + (1 if force else self.selection.step):
             return
         n = self.slots.length
         if self.selection.positional and not self.padded and "bias" not in self.slots.tensors:
@@ -295,10 +319,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def _apply(self, plan: Plan, target: int) -> None:
         """Apply ``plan`` to the slot table and the store, in one place."""
-        if plan.size > self.selection.kept_slots(target):
+        if plan.size > self._kept(target):
             raise ValueError(
                 f"{self.selection.name}: its plan keeps {plan.size} slots; allowed: at most the target "
-                f"{self.selection.kept_slots(target)}"
+                f"{self._kept(target)}"
             )
         simple = plan.keys is None and plan.bias is None and not plan.states and plan.added is None
         if simple:
