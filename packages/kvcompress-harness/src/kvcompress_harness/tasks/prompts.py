@@ -1,14 +1,17 @@
-"""Building retrieval prompts of a target token length with a fact at a given depth."""
+"""Building retrieval prompts of a target token length with facts at given depths, split into a context
+and a question so that either the whole prompt or only the context can be compressed."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..errors import HarnessError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def n_tokens(tokenizer: Any, text: str) -> int:
@@ -16,12 +19,18 @@ def n_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def fit_units(tokenizer: Any, head: str, units: Sequence[str], fact: str, tail: str, length: int,
-              depth: float) -> str:
-    """``head`` + as many ``units`` as fit ``length`` tokens, with ``fact`` after a ``depth`` share of them."""
+def _check_depth(depth: float) -> None:
     if not 0.0 <= depth <= 1.0:
         raise HarnessError(f"depth: got {depth!r}; allowed: 0 <= depth <= 1")
-    fixed = n_tokens(tokenizer, head + fact + tail)
+
+
+def fit_facts(tokenizer: Any, head: str, units: Sequence[str], facts: Sequence[tuple[float, str]], tail: str,
+              length: int) -> str:
+    """``head`` + as many ``units`` as fit ``length`` tokens, each ``(depth, fact)`` after a ``depth`` share of
+    them, + ``tail``."""
+    for depth, _ in facts:
+        _check_depth(depth)
+    fixed = n_tokens(tokenizer, head + "".join(f for _, f in facts) + tail)
     budget = length - fixed
     used, count = 0, 0
     while count < len(units):
@@ -33,8 +42,53 @@ def fit_units(tokenizer: Any, head: str, units: Sequence[str], fact: str, tail: 
     if count == 0:
         raise HarnessError(f"length {length} is too short for the prompt ({fixed} tokens without filler)")
     body = list(units[:count])
-    body.insert(round(depth * count), fact)
+    for depth, fact in sorted(facts, key=lambda f: -f[0]):  # deepest first keeps earlier indices valid
+        body.insert(round(depth * count), fact)
     return head + "".join(body) + tail
+
+
+def fit_units(tokenizer: Any, head: str, units: Sequence[str], fact: str, tail: str, length: int,
+              depth: float) -> str:
+    """``head`` + as many ``units`` as fit ``length`` tokens, with ``fact`` after a ``depth`` share of them."""
+    return fit_facts(tokenizer, head, units, [(depth, fact)], tail, length)
+
+
+@dataclass
+class Prompt:
+    """A prompt as token ids: the context (compressed in ``context`` mode) and the question after it."""
+
+    context: torch.Tensor
+    question: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        """Tokens in the whole prompt."""
+        return int(self.context.shape[1] + self.question.shape[1])
+
+
+def split_prompt(tokenizer: Any, prompt: str, question: str, device: torch.device, chat: bool = False) -> Prompt:
+    """Token ids of ``prompt`` (ending in ``question``) as context + question, through the chat template when
+    ``chat``. Both modes feed exactly these ids, so the only difference between them is when the cache
+    compresses."""
+    import torch
+
+    if not prompt.endswith(question):
+        raise HarnessError("prompt: the question must end the prompt")
+    if chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise HarnessError("chat=true: the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        cut = text.rfind(question)
+        context_text, question_text = text[:cut], text[cut:]
+        context = tokenizer(context_text, add_special_tokens=False, return_tensors="pt").input_ids
+    else:
+        context_text, question_text = prompt[: len(prompt) - len(question)], question
+        context = tokenizer(context_text, return_tensors="pt").input_ids
+    q = tokenizer(question_text, add_special_tokens=False, return_tensors="pt").input_ids
+    if context.shape[1] == 0 or q.shape[1] == 0:
+        raise HarnessError("prompt: empty context or question")
+    return Prompt(context.to(device), q.to(torch.long).to(device))
 
 
 def encode(tokenizer: Any, prompt: str, device: torch.device, chat: bool = False) -> torch.Tensor:
@@ -54,3 +108,8 @@ def first_number(text: str) -> str | None:
     """The first run of digits in ``text``."""
     m = re.search(r"\d+", text)
     return m.group(0) if m else None
+
+
+def numbers(text: str) -> list[str]:
+    """Every run of digits in ``text``, in order."""
+    return re.findall(r"\d+", text)
