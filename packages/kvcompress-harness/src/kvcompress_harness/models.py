@@ -81,6 +81,12 @@ def _converted_dir(gguf: Path) -> Path:
 
 def _auto_classes():
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    from .progress import interactive
+
+    if not interactive():
+        logging.disable_progress_bar()  # a log file gets plain lines, not a bar's escape codes
 
     return AutoModelForCausalLM, AutoTokenizer
 

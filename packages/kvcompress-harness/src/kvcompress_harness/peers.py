@@ -25,6 +25,10 @@ def _leaves(value: Any) -> list[Any]:
     """The plain tensors inside a (possibly quantized, subclassed) tensor."""
     if value is None:
         return []
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):  # HQQ keeps (codes, meta) with the scales and zero points in meta
+        return [leaf for item in value.values() for leaf in _leaves(item)]
     flatten = getattr(value, "__tensor_flatten__", None)
     if flatten is not None and type(value).__name__ != "Tensor":
         names, _ = flatten()

@@ -246,13 +246,19 @@ class Runner:
         for spec in specs:
             self._announce(group, spec)
         _seed(self.config.seed)
+        profile_to = _profile_path(self.out, self.base(group, REFERENCE)) if self.config.profile else None
         started, t0 = time.time(), time.perf_counter()
         try:
-            results = task.run_group(self.context(group, REFERENCE), measured)
+            results = _profiled(lambda: task.run_group(self.context(group, REFERENCE), measured),
+                                self.loaded.device, profile_to)
             failure = None
         except Exception as exc:  # noqa: BLE001
             results, failure = {}, _failure(exc, self.loaded.device)
         wall = time.perf_counter() - t0
+        if profile_to is not None and profile_to.exists():
+            profiled = os.path.relpath(profile_to, self.out.parent)
+        else:
+            profiled = None
         full = results.get(REFERENCE)
         for spec in specs:
             metrics = results.get(spec)
@@ -262,6 +268,8 @@ class Runner:
                 outcome = {"status": "oom", "error": metrics.get("error", "out of memory"), "metrics": metrics}
             else:
                 outcome = {"status": "ok", "metrics": metrics or {}}
+            if profiled:
+                outcome["profile"] = profiled
             ref = full if full is not None and not full.get("oom") else None
             self._record(group, task, self.base(group, spec), outcome, started, wall, ref,
                          self.run_id if ref else None)
@@ -334,6 +342,10 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, 
     for warning in prepare_out(config.out):
         say(f"warning: {warning}")
     random_model = loaded.tokenizer is None if loaded else (config.model or "").startswith("random:")
+    if random_model and loaded is None:
+        from .architectures import parse_random
+
+        parse_random(str(config.model))  # an unknown name or option is the error to show first
     if random_model:
         texty = [n for n, e in tasks.items() if getattr(e.obj, "needs_text", True)]
         if texty:

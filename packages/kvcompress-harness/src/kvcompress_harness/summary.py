@@ -27,8 +27,10 @@ def label(record: dict[str, Any], metric: str) -> str:
 
 
 def mb(value: Any) -> str:
-    """Bytes as MB (10^6) with two significant decimals."""
-    return "-" if not isinstance(value, (int, float)) else f"{value / 1e6:,.2f} MB"
+    """Bytes as MB (10^6 bytes) with two decimals, or kB below 0.1 MB."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value / 1e6:,.2f} MB" if value >= 1e5 else f"{value / 1e3:,.1f} kB"
 
 
 def number(value: Any) -> str:

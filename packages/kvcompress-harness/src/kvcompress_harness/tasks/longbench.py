@@ -89,20 +89,26 @@ def load_samples(name: str, path: str, limit: int) -> list[dict[str, Any]]:
 
 
 def build_prompt(tokenizer: Any, name: str, row: dict[str, Any], max_length: int) -> tuple[str, str]:
-    """LongBench's prompt, truncated in the middle to ``max_length`` tokens, and the question that ends it
-    (the template's text after the context)."""
-    prompt = PROMPTS[name].format(context=row["context"], input=row["input"])
-    question = PROMPTS[name].split("{context}", 1)[1].format(input=row["input"])
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    if len(ids) > max_length:
-        half = max_length // 2
-        prompt = tokenizer.decode(ids[:half], skip_special_tokens=True) + \
-            tokenizer.decode(ids[-half:], skip_special_tokens=True)
-    cut = prompt.rfind(question.strip())
-    if cut < 0:
-        raise DataError(f"longbench {name}: the question does not survive truncation to {max_length} tokens; "
-                        "allowed: a longer --length")
-    return prompt, prompt[cut:]
+    """LongBench's prompt with its context truncated in the middle so the whole prompt fits ``max_length``
+    tokens, and the question that ends it (the template's text after the context, kept whole).
+
+    LongBench cuts the middle of the whole prompt; cutting the middle of the context instead keeps the same
+    text whenever the instructions and the question are shorter than half the length (always, at LongBench's
+    lengths) and keeps the question whole, which ``--compress context`` needs.
+    """
+    head_t, tail_t = PROMPTS[name].split("{context}", 1)
+    head, question = head_t.format(input=row["input"]), tail_t.format(input=row["input"])
+    room = max_length - len(tokenizer(head + question, add_special_tokens=False).input_ids)
+    if room < 2:
+        raise DataError(f"longbench {name}: --length {max_length} leaves no room for the context after the "
+                        f"instructions and the question; allowed: a longer --length")
+    ids = tokenizer(row["context"], add_special_tokens=False).input_ids
+    context = row["context"]
+    if len(ids) > room:
+        half = room // 2
+        context = tokenizer.decode(ids[:half], skip_special_tokens=True) + \
+            tokenizer.decode(ids[-(room - half):], skip_special_tokens=True)
+    return head + context + question, question
 
 
 class LongBenchTask:
