@@ -71,8 +71,9 @@ def plot_quality(records: list[dict[str, Any]], task: str, path: Path) -> Path |
                        edgecolors="black" if r["policy"] in front else "none", zorder=3,
                        label=fam if fam not in shown else None)
             shown.add(fam)
-            short = r["policy"].replace(fam.split("+")[0], "", 1) if fam != "full" else "full"
-            ax.annotate(short or r["policy"], (x + 0.6 * nudge, y), fontsize=6, xytext=(4, 3 + 7 * nudge),
+            near = sum(1 for o in recs if o is not r and abs(100 * kept_fraction(o) - x) < 4
+                       and kept_fraction(o) <= kept_fraction(r) and abs(value(o) - y) < 0.04 * (abs(y) + 1e-9))
+            ax.annotate(r["policy"], (x + 0.6 * nudge, y), fontsize=6, xytext=(4, 3 - 8 * near),
                         textcoords="offset points")
         line = sorted((100 * kept_fraction(r), value(r)) for r in recs if r["policy"] in front)
         if len(line) > 1:
@@ -127,7 +128,7 @@ def plot_by_length(records: list[dict[str, Any]], metric: str, ylabel: str, titl
             ax.set_yticks(range(len(names)), names, fontsize=7)
             ax.invert_yaxis()
             for i, s in enumerate(names):
-                ax.annotate(f"{vals[s]:.3g}", (vals[s], i), fontsize=7, xytext=(3, -3), textcoords="offset points")
+                ax.annotate(f"{vals[s]:,.0f}" if vals[s] >= 100 else f"{vals[s]:.3g}", (vals[s], i), fontsize=7, xytext=(3, -3), textcoords="offset points")
             ax.set_xlabel(ylabel)
             ax.set_title(f"{title}: {lengths[0]:,} tokens" + (f", batch {batch}" if len(batches) > 1 else ""),
                          fontsize=10)
