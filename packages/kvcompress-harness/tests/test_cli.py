@@ -150,7 +150,7 @@ def test_help_imports_neither_torch_nor_transformers():
 def _heavy_after(argv: list[str]) -> str:
     code = ("import sys\nfrom kvcompress_harness.cli import main\nmain(" + repr(argv) + ")\n"
             "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True).stdout
 
 
 @pytest.mark.xfail(strict=False, reason="the core (import kvcompress) and the policy plugins import torch at "

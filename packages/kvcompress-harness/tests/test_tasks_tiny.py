@@ -95,7 +95,7 @@ def test_context_mode_keeps_question_and_answer(tiny):
                           length=110, params={}, seed=0, chunk=None, text=excerpt(), compress=mode)
         made = []
         orig = ctx.make_cache
-        ctx.make_cache = lambda spec=None, orig=orig: made.append(orig(spec)) or made[-1]
+        ctx.make_cache = lambda spec=None, orig=orig, made=made: made.append(orig(spec)) or made[-1]
         tokens, _ = answer(ctx, prompt, 5)
         assert len(tokens) == 5
         stored[mode] = made[0].layers[0].slots.length

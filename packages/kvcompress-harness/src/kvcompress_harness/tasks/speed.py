@@ -57,7 +57,7 @@ class SpeedTask:
                     cache = ctx.make_cache(spec)
                     prefill(ctx.model, ids[:, : min(32, ids.shape[1])], cache, chunk=ctx.chunk)
                     forward(ctx.model, ids[:, :1], cache, last_only=True)
-                except Exception as exc:  # noqa: BLE001 - an OOM is a result; anything else is raised
+                except Exception as exc:
                     if not is_oom(exc):
                         raise
                     out[spec] = {"oom": True, "error": f"OutOfMemoryError during prefill: {exc}".splitlines()[0]}
