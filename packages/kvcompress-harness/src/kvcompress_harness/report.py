@@ -31,10 +31,11 @@ def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _header(recs: list[dict[str, Any]]) -> str:
     first = recs[0]
+    words = label(first, first.get("primary", ""))
+    if "better" not in words:
+        words += f" ({'higher' if first.get('higher_is_better') else 'lower'} is better)"
     return (f"model `{first.get('model')}`, device {first.get('device_name') or first.get('device')}, "
-            f"data `{first.get('data_source')}`, chunk `{first.get('chunk')}`; primary metric: "
-            f"{label(first, first.get('primary', ''))} ({'higher' if first.get('higher_is_better') else 'lower'} "
-            "is better)")
+            f"data `{first.get('data_source')}`, chunk `{first.get('chunk')}`; primary metric: {words}")
 
 
 def task_table(task: str, recs: list[dict[str, Any]]) -> list[str]:
