@@ -68,8 +68,13 @@ class Prompt:
 
 def split_prompt(tokenizer: Any, prompt: str, question: str, device: torch.device, chat: bool = False) -> Prompt:
     """Token ids of ``prompt`` (ending in ``question``) as context + question, through the chat template when
-    ``chat``. Both modes feed exactly these ids, so the only difference between them is when the cache
-    compresses."""
+    ``chat``.
+
+    The whole text is tokenised once and cut at the first token that reaches into the question, so both
+    compression modes feed exactly the ids a plain tokenisation of the prompt gives (tokenising the two parts
+    apart would change the tokens at the seam); the only difference between the modes is when the cache
+    compresses.
+    """
     import torch
 
     if not prompt.endswith(question):
@@ -80,15 +85,16 @@ def split_prompt(tokenizer: Any, prompt: str, question: str, device: torch.devic
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         cut = text.rfind(question)
-        context_text, question_text = text[:cut], text[cut:]
-        context = tokenizer(context_text, add_special_tokens=False, return_tensors="pt").input_ids
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     else:
-        context_text, question_text = prompt[: len(prompt) - len(question)], question
-        context = tokenizer(context_text, return_tensors="pt").input_ids
-    q = tokenizer(question_text, add_special_tokens=False, return_tensors="pt").input_ids
-    if context.shape[1] == 0 or q.shape[1] == 0:
+        text, cut = prompt, len(prompt) - len(question)
+        enc = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    k = next((i for i, (start, end) in enumerate(offsets) if end > cut and end > start), len(ids))
+    if k == 0 or k == len(ids):
         raise HarnessError("prompt: empty context or question")
-    return Prompt(context.to(device), q.to(torch.long).to(device))
+    whole = torch.tensor([ids], dtype=torch.long, device=device)
+    return Prompt(whole[:, :k], whole[:, k:])
 
 
 def encode(tokenizer: Any, prompt: str, device: torch.device, chat: bool = False) -> torch.Tensor:
