@@ -62,3 +62,14 @@ def test_random_model_refuses_text_tasks(tmp_path):
     with pytest.raises(HarnessError, match="--task perplexity: needs text and a tokenizer.*allowed with random: "
                                            "models: .*speed"):
         run(cfg, loaded=loaded)
+
+
+def test_speed_holds_policies_in_rounds(tmp_path):
+    loaded = load_model("random:smollm2-135m?layers=1", device="cpu")
+    specs = ["sink(budget=16)", "window(budget=16)", "random(budget=16)"]
+    cfg = RunConfig(policies=specs, tasks=["speed"], lengths=[48], out=str(tmp_path / "r.jsonl"), progress=False,
+                    params={"speed": {"new_tokens": 3, "warmup": 0, "hold": 2}})
+    records = {r["policy"]: r["metrics"] for r in run(cfg, loaded=loaded)}
+    assert records["sink(budget=16)"]["paired_with"] == ["full", "sink(budget=16)", "window(budget=16)"]
+    assert records["random(budget=16)"]["paired_with"] == ["full", "random(budget=16)"]
+    assert all(m["median_step_ratio"] > 0 for m in records.values())

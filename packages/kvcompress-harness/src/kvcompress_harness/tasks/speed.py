@@ -29,8 +29,8 @@ class SpeedTask:
     primary = "decode_tokens_per_s"
     higher_is_better = True
     default_lengths = (256, 512, 1024)
-    defaults: ClassVar[dict[str, Any]] = {"new_tokens": 32, "warmup": 4, "cudnn_sdpa": False}
-    limits: ClassVar[dict[str, tuple]] = {"new_tokens": (1, None), "warmup": (0, None)}
+    defaults: ClassVar[dict[str, Any]] = {"new_tokens": 32, "warmup": 4, "cudnn_sdpa": False, "hold": 0}
+    limits: ClassVar[dict[str, tuple]] = {"new_tokens": (1, None), "warmup": (0, None), "hold": (0, None)}
     needs_text = False
     supports_batch = True
     labels: ClassVar[dict[str, str]] = LABELS
@@ -41,7 +41,23 @@ class SpeedTask:
         return self.run_group(ctx, specs)[ctx.spec]
 
     def run_group(self, ctx: TaskContext, specs: list[str]) -> dict[str, dict[str, Any]]:
-        """Every spec of the cell (``full`` first) measured in one process, decode steps paired."""
+        """Every spec of the cell (``full`` first) measured in one process, decode steps paired with ``full``'s.
+
+        ``hold`` > 0 holds at most that many policies beside ``full`` at once (a long context at a large batch
+        may not fit them all): the policies are then paired with ``full`` in rounds of ``hold``, and ``full``'s
+        own numbers come from the first round.
+        """
+        hold = int(ctx.params.get("hold") or 0)
+        others = [s for s in specs if s != "full"]
+        if not hold or len(others) <= hold:
+            return self._paired(ctx, specs)
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(others), hold):
+            part = self._paired(ctx, ["full", *others[i:i + hold]])
+            out.update({k: v for k, v in part.items() if k != "full" or "full" not in out})
+        return out
+
+    def _paired(self, ctx: TaskContext, specs: list[str]) -> dict[str, dict[str, Any]]:
         import torch
 
         from ..decoding import forward, prefill, sync
