@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import kvcompress
 import torch
 from conftest import prompt, tiny_model
 from kvcompress import CompressedCache
 from kvcompress.attention import QUERY_CHUNK
 
-from kvcompress_h2o import H2O
+from kvcompress_h2o import H2O, mode
 
 
 @dataclass
@@ -30,7 +31,7 @@ def test_8k_prompt_observed_in_query_chunks():
     n = 8192
     model = tiny_model("llama", heads=4, kv_heads=2, layers=1)
     policy = RecordingH2O(budget=512, step=16)
-    cache = CompressedCache(policy)
+    cache = CompressedCache(policy, model=kvcompress.attach(model))
     model(input_ids=prompt(n), past_key_values=cache, use_cache=True, logits_to_keep=1)
     assert {s[0] for s in policy.shapes} == {0}
     assert max(s[1][3] for s in policy.shapes) == QUERY_CHUNK < n
@@ -40,7 +41,7 @@ def test_8k_prompt_observed_in_query_chunks():
     assert starts == list(range(0, n, QUERY_CHUNK))  # every query observed once, in order
     assert sum(s[3] for s in policy.shapes) == n
     layer = cache.layers[0]
-    assert layer.slots.length == 512 and policy.mode == "prompt"
+    assert layer.slots.length == 512 and mode(cache) == "prompt"
     # each of the n queries of each of the 4 query heads was shown its whole (causal) row, summing to 1
     assert abs(policy.mass - n * 4) < 1e-3 * n
     assert (layer.slots.view("acc").sum(-1) < n * 2).all()  # the kept tokens hold part of each head's mass

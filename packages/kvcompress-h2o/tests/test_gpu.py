@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import prompt, tiny_model
-from kvcompress import kernels
+from kvcompress import _kernels as kernels
 
 from kvcompress_h2o import H2OCache
 
@@ -25,7 +25,7 @@ def test_fused_decode_matches_torch_path(gqa):
     try:
         for fused in (True, False):
             kernels.ENABLED = fused
-            cache = H2OCache(budget=128, step=8, gqa=gqa)
+            cache = H2OCache(model, budget=128, step=8, gqa=gqa)
             out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
                                  do_sample=False, output_logits=True, return_dict_in_generate=True)
             runs.append((out, cache))

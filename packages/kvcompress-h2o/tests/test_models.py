@@ -8,7 +8,7 @@ import torch
 from conftest import prompt, tiny_model
 from transformers import DynamicCache
 
-from kvcompress_h2o import H2OCache, LRUCache
+from kvcompress_h2o import H2OCache, LRUCache, evictions, mode
 
 SPECS = ["h2o(budget={b})", "h2o(budget={b},gqa=max,normalize=true,step=4)", "lru(budget={b},step=3)"]
 
@@ -35,7 +35,7 @@ def test_budget_covering_sequence_equals_full_cache(arch, spec, llama, qwen2):
     got = stepwise_logits(model, cache, ids, 32)
     for ref, out in zip(reference, got):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    assert cache.selection.mode == "none" and cache.layers[0].slots.length == 24 + 32
+    assert mode(cache) == "none" and cache.layers[0].slots.length == 24 + 32
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -45,19 +45,19 @@ def test_prompt_compression_then_decode_within_budget(spec, qwen2):
     with torch.no_grad():
         out = qwen2(input_ids=prompt(50), past_key_values=cache, use_cache=True).logits
         assert all(layer.slots.length == 16 for layer in cache.layers)  # prompt compressed once
-        assert policy.mode == "prompt" and policy.evictions["prompt"] == len(cache.layers)
+        assert mode(cache) == "prompt" and evictions(cache)["prompt"] == len(cache.layers)
         for _ in range(20):
             out = qwen2(input_ids=out[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
             assert all(layer.slots.length < 16 + policy.step for layer in cache.layers)
     assert torch.isfinite(out).all()
-    assert policy.mode == "prompt+decode" and policy.evictions["decode"] >= len(cache.layers)
+    assert mode(cache) == "prompt+decode" and evictions(cache)["decode"] >= len(cache.layers)
     assert cache.get_seq_length() == 70  # positions stay true
     positions = cache.layers[1].slots.view("positions")
     assert positions.shape[1] == 2 and positions.max() == 69
 
 
 def test_h2o_keeps_heavy_hitters_and_recent(llama):
-    cache = H2OCache(budget=20, heavy_ratio=0.4, recent_ratio=0.6)
+    cache = H2OCache(llama, budget=20, heavy_ratio=0.4, recent_ratio=0.6)
     with torch.no_grad():
         llama(input_ids=prompt(60), past_key_values=cache, use_cache=True)
     layer = cache.layers[0]
@@ -83,7 +83,7 @@ def test_accumulated_attention_equals_eager_attention(qwen2):
     finally:
         qwen2.set_attn_implementation("sdpa")
     for gqa in ("sum", "max"):
-        cache = H2OCache(budget=100, gqa=gqa)
+        cache = H2OCache(qwen2, budget=100, gqa=gqa)
         qwen2(input_ids=ids, past_key_values=cache)
         for tok in (5, 7, 11):
             qwen2(input_ids=torch.tensor([[tok]]), past_key_values=cache)
@@ -96,7 +96,7 @@ def test_accumulated_attention_equals_eager_attention(qwen2):
             torch.testing.assert_close(layer.slots.view("acc"), expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("make", [lambda: H2OCache(budget=64), lambda: LRUCache(budget=64, step=4)])
+@pytest.mark.parametrize("make", [lambda m: H2OCache(m, budget=64), lambda m: LRUCache(m, budget=64, step=4)])
 def test_left_padded_batch_matches_each_prompt_alone(make, qwen2):
     prompts = [prompt(9, seed=1)[0], prompt(16, seed=2)[0], prompt(13, seed=4)[0]]
     n = max(len(p) for p in prompts)
@@ -104,10 +104,10 @@ def test_left_padded_batch_matches_each_prompt_alone(make, qwen2):
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
-    batch = qwen2.generate(ids, attention_mask=mask, past_key_values=make(), max_new_tokens=12, do_sample=False)
+    batch = qwen2.generate(ids, attention_mask=mask, past_key_values=make(qwen2), max_new_tokens=12, do_sample=False)
     for i, p in enumerate(prompts):
         alone = qwen2.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                               past_key_values=make(), max_new_tokens=12, do_sample=False)
+                               past_key_values=make(qwen2), max_new_tokens=12, do_sample=False)
         assert batch[i, n:].tolist() == alone[0, len(p):].tolist()
 
 
@@ -116,7 +116,7 @@ def test_left_padding_is_evicted_first(qwen2):
     ids[1, 10:] = prompt(30, seed=9)
     mask = torch.ones_like(ids)
     mask[0, :10] = 0  # row 0 has 10 pads, row 1 none
-    cache = H2OCache(budget=16, step=2)
+    cache = H2OCache(qwen2, budget=16, step=2)
     out = qwen2.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 46)
     for layer in cache.layers:
@@ -138,12 +138,12 @@ def test_bfloat16_and_device(spec):
     assert keys.dtype == torch.bfloat16 and keys.device.type == device
     state = layer.slots.view("acc" if spec.startswith("h2o") else "last")
     assert state.dtype == torch.float32 and torch.isfinite(state).all()
-    assert cache.selection.mode == "prompt+decode"
+    assert mode(cache) == "prompt+decode"
 
 
 def test_h2o_cache_in_generate_with_sampling(llama):
     torch.manual_seed(0)
-    cache = H2OCache(budget=12, step=2)
+    cache = H2OCache(llama, budget=12, step=2)
     out = llama.generate(prompt(30), attention_mask=torch.ones(1, 30, dtype=torch.long), past_key_values=cache,
                          max_new_tokens=15, do_sample=True, top_k=20)
     assert out.shape == (1, 45) and cache.mode == "prompt+decode"
@@ -157,12 +157,12 @@ def test_chunks_of_step_tokens_equal_token_by_token(spec, llama):
     """Why benchmarks/streaming_ppl.py may feed ``step`` tokens per forward: eviction points, observed
     attention and so logits are those of token-by-token decoding with block eviction."""
     ids = prompt(48, seed=5)
-    one, four = kvcompress.make_cache(spec), kvcompress.make_cache(spec)
+    one, four = kvcompress.make_cache(spec, model=llama), kvcompress.make_cache(spec, model=llama)
     by_token = torch.cat([llama(input_ids=ids[:, i:i + 1], past_key_values=one).logits for i in range(48)], 1)
     by_chunk = torch.cat([llama(input_ids=ids[:, i:i + 4], past_key_values=four).logits
                           for i in range(0, 48, 4)], 1)
     torch.testing.assert_close(by_chunk, by_token, atol=1e-4, rtol=1e-4)
     for a, b in zip(one.layers, four.layers):
         assert torch.equal(a.slots.view("positions"), b.slots.view("positions"))
-    assert one.selection.mode == "decode" and four.selection.mode == "prompt"
-    assert one.selection.evictions["decode"] == four.selection.evictions["prompt"] == 2 * 8
+    assert mode(one) == "decode" and mode(four) == "prompt"
+    assert evictions(one)["decode"] == evictions(four)["prompt"] == 2 * 8

@@ -18,11 +18,16 @@ def test_registered_through_entry_points():
 
 
 def test_spec_round_trip():
-    cache = kvcompress.make_cache("h2o(budget=64,heavy_ratio=0.25,recent_ratio=0.75,gqa=max,step=8)")
-    assert isinstance(cache.selection, H2O)
-    assert cache.spec == "h2o(budget=64,step=8,heavy_ratio=0.25,recent_ratio=0.75,gqa=max)"
-    assert kvcompress.make_cache(cache.spec).selection == cache.selection
-    assert isinstance(kvcompress.make_cache("lru", budget=32).selection, LRU)
+    policy, _ = kvcompress.build_policies("h2o(budget=64,heavy_ratio=0.25,recent_ratio=0.75,gqa=max,step=8)")
+    assert isinstance(policy, H2O)
+    assert policy.spec() == "h2o(budget=64,step=8,heavy_ratio=0.25,recent_ratio=0.75,gqa=max)"
+    assert kvcompress.build_policies(policy.spec())[0] == policy
+    assert isinstance(kvcompress.build_policies("lru", budget=32)[0], LRU)
+
+
+def test_observing_policy_without_model_says_to_pass_it():
+    with pytest.raises(kvcompress.ModelRequiredError, match=r"observes attention; pass the model.*model=model"):
+        kvcompress.make_cache("h2o(budget=64)")
 
 
 @pytest.mark.parametrize("params, words", [
@@ -41,18 +46,18 @@ def test_spec_round_trip():
 ])
 def test_bad_h2o_parameters(params, words):
     with pytest.raises((ValueError, TypeError)) as info:
-        H2OCache(**params)
+        H2OCache(None, **params)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
 
 
 def test_bad_parameters_through_spec_and_lru():
     with pytest.raises(ValueError, match=r"'heavy_ratio' \(0.7\).*'recent_ratio' \(0.5\)"):
-        kvcompress.make_cache("h2o(budget=64,heavy_ratio=0.7)")
+        kvcompress.build_policies("h2o(budget=64,heavy_ratio=0.7)")
     with pytest.raises(ValueError, match=r"lru: parameter 'threshold' got 0.0; allowed: float > 0.0"):
-        LRUCache(threshold=0.0)
+        LRUCache(None, threshold=0.0)
     with pytest.raises(ValueError, match=r"lru: parameter 'budget' got -1"):
-        kvcompress.make_cache("lru(budget=-1)")
+        kvcompress.build_policies("lru(budget=-1)")
 
 
 def test_ratio_budget_and_recent_share():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress.kernels import resident_programs
+from kvcompress._kernels import resident_programs
 from kvcompress_quant import QuantStore, kernels
 
 pytestmark = pytest.mark.skipif(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompress import kernels
+from kvcompress import _kernels as kernels
 from kvcompress.attention import decode_attention
 
 pytestmark = pytest.mark.skipif(

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from .cache import H2OCache, LRUCache
-from .policies import H2O, LRU, AttentionScored
+from .policies import H2O, LRU, AttentionScored, evictions, mode
+from .retrieval import TOVA, SnapKV
+
+
+def __getattr__(name: str):  # the ready-made caches need torch and transformers: loaded on first use
+    if name in ("H2OCache", "LRUCache"):
+        from . import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'kvcompress_h2o' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
-__all__ = ["H2O", "LRU", "AttentionScored", "H2OCache", "LRUCache"]
+__all__ = ["H2O", "LRU", "TOVA", "AttentionScored", "H2OCache", "LRUCache", "SnapKV", "evictions", "mode"]

@@ -7,38 +7,53 @@ and gathers the per-slot state with the kept tokens; these policies only score.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from kvcompress import SelectionPolicy, SlotContext, param
+from kvcompress import SelectionPolicy, param
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from kvcompress import LayerInfo, SlotContext
 
 
 @dataclass
 class AttentionScored(SelectionPolicy):
     """Base of the attention-scored policies: records which kind of compression ran.
 
-    ``evictions["prompt"]`` counts (layer) evictions right after a multi-token forward
-    (a prompt compressed once after prefill), ``evictions["decode"]`` those after a
-    one-token decode step (the cache held within budget while generating).
+    Each layer's bound state counts its evictions: ``"prompt"`` right after a multi-token forward (a
+    prompt compressed once after prefill), ``"decode"`` after a one-token decode step (the cache held
+    within budget while generating); :func:`mode` reads them off a cache.
     """
 
     needs_attention: ClassVar[bool] = True
-    evictions: Counter = field(default_factory=Counter, init=False, repr=False, compare=False)
-    _multi_seen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    @property
-    def mode(self) -> str:
-        """``"none"``, ``"prompt"``, ``"decode"`` or ``"prompt+decode"``: which compressions ran."""
-        return "+".join(m for m in ("prompt", "decode") if self.evictions[m]) or "none"
+    def bind(self, layer: LayerInfo) -> dict[str, Any]:
+        return {"prompt": 0, "decode": 0, "multi_seen": None}
 
     def _note_queries(self, ctx: SlotContext, weights: torch.Tensor) -> None:
         if weights.shape[3] > 1:  # only a prompt's first chunk has several queries: shape only, no sync
-            self._multi_seen[ctx.layer_idx] = ctx.seen
+            ctx.bound["multi_seen"] = ctx.seen
 
     def _note_eviction(self, ctx: SlotContext) -> None:
-        self.evictions["prompt" if self._multi_seen.get(ctx.layer_idx) == ctx.seen else "decode"] += 1
+        ctx.bound["prompt" if ctx.bound["multi_seen"] == ctx.seen else "decode"] += 1
+
+
+def evictions(cache: Any) -> dict[str, int]:
+    """Layer evictions of an attention-scored cache, summed over its layers: ``{"prompt": n, "decode": m}``."""
+    totals = {"prompt": 0, "decode": 0}
+    for layer in getattr(cache, "layers", []):
+        bound = getattr(layer, "bound", None)
+        if isinstance(bound, dict):
+            for key in totals:
+                totals[key] += bound.get(key, 0)
+    return totals
+
+
+def mode(cache: Any) -> str:
+    """``"none"``, ``"prompt"``, ``"decode"`` or ``"prompt+decode"``: which compressions ran in ``cache``."""
+    counts = evictions(cache)
+    return "+".join(m for m in ("prompt", "decode") if counts[m]) or "none"
 
 
 @dataclass
@@ -46,7 +61,7 @@ class H2O(AttentionScored):
     """Heavy-Hitter Oracle: keep the tokens with the most accumulated attention plus the most recent."""
 
     name: ClassVar[str] = "h2o"
-    slot_states: ClassVar[dict[str, torch.dtype]] = {"acc": torch.float32}
+    slot_states: ClassVar[dict[str, str]] = {"acc": "float32"}
 
     heavy_ratio: float = param(0.5, min=0.0, max=1.0, help="share of the budget for heavy hitters")
     recent_ratio: float = param(0.5, min=0.0, max=1.0, help="share of the budget for the most recent tokens")
@@ -66,6 +81,8 @@ class H2O(AttentionScored):
         return "acc", self.gqa  # what observe() does, so a decode step may fuse it into attention
 
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
+        import torch
+
         self._note_queries(ctx, weights)
         heads = weights if self.gqa == "sum" else weights.amax(2, keepdim=True)  # [B, Hkv, G or 1, q, S]
         ctx.state["acc"].add_(heads.sum((2, 3), dtype=torch.float32))
@@ -84,12 +101,14 @@ class LRU(AttentionScored):
     """Least recently used: evict the tokens whose last attention above `threshold` is oldest."""
 
     name: ClassVar[str] = "lru"
-    slot_states: ClassVar[dict[str, torch.dtype]] = {"last": torch.float32}
+    slot_states: ClassVar[dict[str, str]] = {"last": "float32"}
 
     threshold: float = param(0.01, min=0.0, max=1.0, min_exclusive=True,
                              help="attention weight at which a query counts as using a token")
 
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
+        import torch
+
         self._note_queries(ctx, weights)
         used = (weights > self.threshold).any(2)  # [B, Hkv, q, S]: any query head of the group
         when = query_positions.to(torch.float32).view(1, 1, -1, 1)
@@ -97,5 +116,7 @@ class LRU(AttentionScored):
         last.copy_(torch.maximum(last, torch.where(used, when, -1.0).amax(2)))
 
     def score(self, ctx: SlotContext) -> torch.Tensor:
+        import torch
+
         self._note_eviction(ctx)
         return torch.maximum(ctx.state["last"], ctx.positions.to(torch.float32))  # arrival counts as a use

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from . import codec
 from .policy import Quant
-from .store import QuantStore
 
 __version__ = "0.1.0"
 __all__ = ["Quant", "QuantStore", "codec"]
+
+
+def __getattr__(name: str):  # the store and codec need torch: loaded on first use
+    import importlib
+
+    if name == "QuantStore":
+        return importlib.import_module(".store", __name__).QuantStore
+    if name == "codec":
+        return importlib.import_module(".codec", __name__)
+    raise AttributeError(f"module 'kvcompress_quant' has no attribute {name!r}")

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcompress.kernels import is_compiled, kernel_mask, launch, resident_programs
+from kvcompress._kernels import is_compiled, kernel_mask, launch, resident_programs
 
 from . import codec
 
@@ -64,7 +64,11 @@ def _codes_ptx(bits: int, shift: int) -> str:
 
 
 if AVAILABLE:
-    from kvcompress.kernels import mask_bias, online_softmax_step  # how kernels read the core's mask, softmax
+    from kvcompress._kernels import (  # the core's mask, bias, softmax
+        mask_bias,
+        online_softmax_step,
+        slot_bias,
+    )
 
     _ASM_8 = tl.constexpr(_codes_ptx(8, 0))
     _ASM_4_0 = tl.constexpr(_codes_ptx(4, 0))
@@ -178,20 +182,23 @@ if AVAILABLE:
         p, alpha, m_new = online_softmax_step(s, m_i)
         return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
-    @triton.jit(do_not_specialize=["s_len", "m_len", "w_len", "cap_m", "split_tokens", "n_mid_splits",
-                                   "stride_mb", "stride_ms"], do_not_specialize_on_alignment=["Q", "M"])
+    @triton.jit(do_not_specialize=["s_len", "m_len", "w_len", "cap_m", "capf", "split_tokens",
+                                   "n_mid_splits", "stride_mb", "stride_ms", "stride_bias"],
+                do_not_specialize_on_alignment=["Q", "M", "BIAS"])
     def _split_kernel(
-        Q, FK, FV, CK, CV, KS, KZ, VS, VZ, M, PM, PL, PA, Out, LOCK, HM,
-        s_len, m_len, w_len, cap_m, split_tokens, n_mid_splits, qk_scale, stride_mb, stride_ms,
+        Q, FK, FV, CK, CV, KS, KZ, VS, VZ, M, PM, PL, PA, Out, LOCK, HM, BIAS, LSE,
+        s_len, m_len, w_len, cap_m, capf, split_tokens, n_mid_splits, qk_scale, stride_mb, stride_ms,
+        stride_bias,
         HKV: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        GT: tl.constexpr, GC: tl.constexpr, K_TOKEN: tl.constexpr, V_TOKEN: tl.constexpr, CAPF: tl.constexpr,
+        GT: tl.constexpr, GC: tl.constexpr, K_TOKEN: tl.constexpr, V_TOKEN: tl.constexpr,
         SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
         PIECES: tl.constexpr, W: tl.constexpr, CONV: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-        GQA_P2: tl.constexpr, ROTATE: tl.constexpr,
+        GQA_P2: tl.constexpr, ROTATE: tl.constexpr, HAS_BIAS: tl.constexpr, OBSERVE: tl.constexpr,
     ):
         # Every store tensor is contiguous, so strides follow from the shapes: codes [B, HKV, cap_m, DP],
         # scales [B, HKV, cap_m // GT, D] (per channel) or [B, HKV, cap_m, D // GC] (per token),
-        # full-precision buffers [B, HKV, CAPF, D], the query [B, HKV * GQA, D].
+        # full-precision buffers [B, HKV, capf, D], the query [B, HKV * GQA, D]; the per-slot bias
+        # [B * HKV, >= s + m + w] (row stride stride_bias) in the slot table's order: sink, middle, tail.
         split = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // HKV
@@ -274,6 +281,8 @@ if AVAILABLE:
                 valid, bias = mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
                 if MASK_KIND != 0:
                     s = tl.where(valid[None, :], s + bias[None, :], float("-inf"))
+                if HAS_BIAS:
+                    s = s + slot_bias(BIAS, bh, s_len + tok, valid, stride_bias, HAS_BIAS)[None, :]
                 p, alpha, m_i = online_softmax_step(s, m_i)
                 l_tok = l_tok * alpha[:, None] + p
                 a0, z0 = _piece_pv(a0, z0, alpha, p, CV, vs0, vz0, cbase, tok, valid, 0, W, DP, BITS, CONV)
@@ -340,12 +349,13 @@ if AVAILABLE:
                     k = (kc.to(tl.float32) * ks + kz).to(q.dtype)
                     v = (vc.to(tl.float32) * vs + vz).to(q.dtype)
                     valid, bias = mask_bias(M, b, s_len + tok, valid, stride_mb, stride_ms, MASK_KIND)
+                    bias += slot_bias(BIAS, bh, s_len + tok, valid, stride_bias, HAS_BIAS)
                     m_i, l_i, acc = _online(q, k, v, valid, bias, m_i, l_i, acc, qk_scale, DOT_F32)
                 if ROTATE:  # the output back to the model's basis, where the sink + tail split works
                     acc = _rot(acc, HM, 0, 0, D, D, D)
             else:  # the full-precision sink and tail
                 total = SINK + w_len
-                fbase = bh * CAPF * D
+                fbase = bh * capf * D
                 for n0 in range(0, total, BLOCK_N):
                     j = n0 + offs_n
                     valid = (j < s_len) | ((j >= SINK) & (j < total))
@@ -354,6 +364,7 @@ if AVAILABLE:
                     k = tl.load(FK + fptr, mask=valid[:, None], other=0.0)
                     v = tl.load(FV + fptr, mask=valid[:, None], other=0.0)
                     valid, bias = mask_bias(M, b, slot, valid, stride_mb, stride_ms, MASK_KIND)
+                    bias += slot_bias(BIAS, bh, slot, valid, stride_bias, HAS_BIAS)
                     m_i, l_i, acc = _online(q, k, v, valid, bias, m_i, l_i, acc, qk_scale, DOT_F32)
             tl.store(PA + row[:, None] * D + offs_d[None, :], acc, mask=hmask[:, None])
         tl.store(PM + row, m_i, mask=hmask)
@@ -363,11 +374,11 @@ if AVAILABLE:
         if MERGE_CHUNK > 0:
             tl.debug_barrier()
             if tl.atomic_add(LOCK + bh, 1, sem="acq_rel", scope="gpu") == ns - 1:
-                _merge_rows(PM, PL, PA, Out, bh * GQA, GQA, GQA_P2, ns, D, MERGE_CHUNK)
+                _merge_rows(PM, PL, PA, Out, LSE, bh * GQA, GQA, GQA_P2, ns, D, MERGE_CHUNK, OBSERVE)
                 tl.store(LOCK + bh, 0)  # ready for the next launch (stream order)
 
     @triton.jit(do_not_specialize=["ns"])
-    def _merge_kernel(PM, PL, PA, Out, ns, D: tl.constexpr, NS_P2: tl.constexpr):
+    def _merge_kernel(PM, PL, PA, Out, LSE, ns, D: tl.constexpr, NS_P2: tl.constexpr, OBSERVE: tl.constexpr):
         """The merge as a second launch (``MERGE_CHUNK = 0``): one program per output row."""
         r = tl.program_id(0)
         offs_s = tl.arange(0, NS_P2)
@@ -380,13 +391,15 @@ if AVAILABLE:
         mx = tl.where(mx == float("-inf"), 0.0, mx)
         w = tl.exp2(m - mx)
         denom = tl.sum(w * l_, 0)
+        if OBSERVE:  # log2 of the softmax denominator, for the observation pass (+inf: nothing attended)
+            tl.store(LSE + r, tl.where(denom == 0.0, float("inf"), mx + tl.log2(denom)))
         denom = tl.where(denom == 0.0, 1.0, denom)
         out = tl.sum(w[:, None] * acc, 0) / denom
         tl.store(Out + r * D + offs_d, out.to(Out.dtype.element_ty))
 
     @triton.jit
-    def _merge_rows(PM, PL, PA, Out, r0, G: tl.constexpr, G_P2: tl.constexpr, ns, D: tl.constexpr,
-                    CHUNK: tl.constexpr):
+    def _merge_rows(PM, PL, PA, Out, LSE, r0, G: tl.constexpr, G_P2: tl.constexpr, ns, D: tl.constexpr,
+                    CHUNK: tl.constexpr, OBSERVE: tl.constexpr):
         """Out rows ``r0 .. r0+G``: the splits' partial softmax states combined, all rows at once, ``CHUNK``
         splits at a time. The loads bypass L1 (``.cg``): other SMs wrote these partials."""
         offs_g = tl.arange(0, G_P2)
@@ -410,9 +423,97 @@ if AVAILABLE:
             l_run = l_run * keep + tl.sum(w * part_l, 1)
             acc = acc * keep[:, None] + tl.sum(w[:, :, None] * part, 1)
             m_run = m_new
+        if OBSERVE:  # log2 of each row's softmax denominator, for the observation pass
+            lse = tl.where(l_run == 0.0, float("inf"), tl.where(m_run == float("-inf"), 0.0, m_run)
+                           + tl.log2(tl.where(l_run == 0.0, 1.0, l_run)))
+            tl.store(LSE + r0 + offs_g, lse, mask=gmask)
         out = acc / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
         tl.store(Out + (r0 + offs_g)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=gmask[:, None])
+
+
+    @triton.jit(do_not_specialize=["s_len", "m_len", "w_len", "cap_m", "capf", "split_tokens",
+                                   "n_mid_splits", "acap", "stride_mb", "stride_ms", "stride_bias"],
+                do_not_specialize_on_alignment=["Q", "M", "BIAS"])
+    def _observe_kernel(
+        Q, FK, CK, KS, KZ, M, LSE, ACC, HM, BIAS,
+        s_len, m_len, w_len, cap_m, capf, split_tokens, n_mid_splits, acap, qk_scale, stride_mb, stride_ms,
+        stride_bias,
+        HKV: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        GT: tl.constexpr, GC: tl.constexpr, K_TOKEN: tl.constexpr, SINK: tl.constexpr,
+        MASK_KIND: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, ROTATE: tl.constexpr, REDUCE_MAX: tl.constexpr,
+        HAS_BIAS: tl.constexpr, REPLACE: tl.constexpr,
+    ):
+        """Each slot's attention of this decode step, reduced over the GQA query heads of its kv head, added
+        to the float32 slot state ``ACC`` ``[B * HKV, acap]``: the scores again (keys only) against each
+        row's log2 softmax denominator ``LSE`` that the attention launch wrote. Same splits as the
+        attention."""
+        split = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // HKV
+        DP: tl.constexpr = D * BITS // 8
+        NGC: tl.constexpr = D // GC
+        offs_h = tl.arange(0, BLOCK_H)
+        hmask = offs_h < GQA
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
+        q = tl.load(Q + (bh * GQA + offs_h)[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0.0)
+        lse = tl.load(LSE + bh * GQA + offs_h, mask=hmask, other=float("inf"))
+        if split < n_mid_splits:
+            if ROTATE:  # the codes encode keys times R: the query goes in rotated
+                q = _rot(q.to(tl.float32), HM, 0, 0, D, D, D).to(q.dtype)
+            LEVELS: tl.constexpr = (1 << BITS) - 1
+            byte = offs_d % DP
+            shift = (offs_d // DP) * BITS
+            cbase = bh * cap_m * DP
+            start = split * split_tokens
+            for n0 in range(0, split_tokens, BLOCK_N):
+                tok = start + n0 + offs_n
+                valid = tok < m_len
+                if K_TOKEN:
+                    kp = (bh * cap_m + tok)[:, None] * NGC + (offs_d // GC)[None, :]
+                else:
+                    kp = (bh * (cap_m // GT) + tok // GT)[:, None] * D + offs_d[None, :]
+                kc = tl.load(CK + cbase + tok[:, None] * DP + byte[None, :], mask=valid[:, None], other=0)
+                kc = (kc.to(tl.int32) >> shift[None, :]) & LEVELS
+                ks = tl.load(KS + kp, mask=valid[:, None], other=0.0).to(tl.float32)
+                kz = tl.load(KZ + kp, mask=valid[:, None], other=0.0).to(tl.float32)
+                k = (kc.to(tl.float32) * ks + kz).to(q.dtype)
+                _observe_tile(q, k, s_len + tok, valid, lse, hmask, M, b, stride_mb, stride_ms, BIAS, bh,
+                              stride_bias, ACC, acap, qk_scale, MASK_KIND, DOT_F32, REDUCE_MAX, HAS_BIAS,
+                              REPLACE)
+        else:  # the full-precision sink and tail
+            total = SINK + w_len
+            fbase = bh * capf * D
+            for n0 in range(0, total, BLOCK_N):
+                j = n0 + offs_n
+                valid = (j < s_len) | ((j >= SINK) & (j < total))
+                slot = tl.where(j < SINK, j, j - SINK + s_len + m_len)
+                k = tl.load(FK + fbase + j[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+                _observe_tile(q, k, slot, valid, lse, hmask, M, b, stride_mb, stride_ms, BIAS, bh,
+                              stride_bias, ACC, acap, qk_scale, MASK_KIND, DOT_F32, REDUCE_MAX, HAS_BIAS,
+                              REPLACE)
+
+    @triton.jit
+    def _observe_tile(q, k, slot, valid, lse, hmask, M, b, stride_mb, stride_ms, BIAS, bh, stride_bias, ACC,
+                      acap, qk_scale, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+                      REDUCE_MAX: tl.constexpr, HAS_BIAS: tl.constexpr, REPLACE: tl.constexpr):
+        """Add (or write, ``REPLACE``) one tile's attention, reduced over the query heads, into ``ACC``."""
+        if DOT_F32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        live, bias = mask_bias(M, b, slot, valid, stride_mb, stride_ms, MASK_KIND)
+        bias += slot_bias(BIAS, bh, slot, live, stride_bias, HAS_BIAS)
+        s = tl.where(live[None, :], s * qk_scale + bias[None, :], float("-inf"))
+        p = tl.where(hmask[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        col = tl.max(p, 0) if REDUCE_MAX else tl.sum(p, 0)
+        aptr = ACC + bh * acap + slot
+        if REPLACE:
+            tl.store(aptr, col, mask=valid)
+        else:
+            tl.store(aptr, tl.load(aptr, mask=valid, other=0.0) + col, mask=valid)
 
 
 def _splits(m: int, batch_heads: int, slots: int) -> tuple[int, int]:
@@ -468,8 +569,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _workspace(device: torch.device, b_hkv: int, gqa: int, ns: int, d: int) -> tuple[torch.Tensor, ...]:
-    """The splits' partial softmax states and the per-(batch row, kv head) arrival counts (zero between
-    launches); shared by every layer (one stream runs them in order)."""
+    """The splits' partial softmax states, the per-(batch row, kv head) arrival counts (zero between
+    launches) and each row's log2 softmax denominator (for observation); shared by every layer (one stream
+    runs them in order)."""
     key = (device, b_hkv, gqa, ns, d)
     work = _WORK.get(key)
     if work is None:
@@ -478,7 +580,8 @@ def _workspace(device: torch.device, b_hkv: int, gqa: int, ns: int, d: int) -> t
         pm = torch.empty((b_hkv * gqa, ns), dtype=torch.float32, device=device)
         work = _WORK[key] = (pm, torch.empty_like(pm), torch.empty((b_hkv * gqa, ns, d), dtype=torch.float32,
                                                                    device=device),
-                             torch.zeros(b_hkv, dtype=torch.int32, device=device))
+                             torch.zeros(b_hkv, dtype=torch.int32, device=device),
+                             torch.empty(b_hkv * gqa, dtype=torch.float32, device=device))
     return work
 
 
@@ -487,17 +590,18 @@ _STORE_TENSORS = ("fk", "fv", "ck", "cv", "ks", "kz", "vs", "vz")
 
 class _Plan(NamedTuple):
     grid: tuple[int, int]
-    key: tuple  # the compiled kernel's key (kvcompress.kernels.launch)
+    key: tuple  # the compiled kernel's key (kvcompress._kernels.launch)
     consts: dict
     n_mid: int  # splits of the quantized middle (the sink + tail is one more)
     per: int  # tokens per split
     fast: bool  # ``args`` are data pointers
-    args: tuple  # the store's 8 tensors, the workspace's pm, pl, pa, lock, the rotation: tensors or pointers
+    args: tuple  # the store's 8 tensors, the workspace's pm, pl, pa, lock, the rotation, lse (or pointers)
     tensors: tuple  # the same as tensors (held: their pointers stay valid while the plan lives)
     options: dict  # Triton's compile options
 
 
-def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Plan:
+def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int, has_bias: bool,
+          observe: bool) -> _Plan:
     """What a decode step launches with, except what changes every step, cached on the store until its
     middle grows (every ``group`` tokens), its tensors move, or the query, mask or tunables change.
 
@@ -505,7 +609,8 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Pl
     pointers: a tensor argument costs the launcher a ``data_ptr()`` call and a driver query per launch.
     """
     b, hq, _, d = query.shape
-    signature = (store.m, b, hq, query.dtype, mask.dtype, mask_kind, PIECES, BLOCK_N, NUM_WARPS, NUM_STAGES,
+    signature = (store.m, b, hq, query.dtype, mask.dtype, mask_kind, has_bias, observe, PIECES, BLOCK_N,
+                 NUM_WARPS, NUM_STAGES,
                  SPLIT_MIN, PROGRAMS_PER_SM, MAX_WAVES, CONV, MERGE_CHUNK, MAXNREG,
                  id(store.fk), id(store.fv), id(store.ck), id(store.cv), id(store.ks), id(store.kz),
                  id(store.vs), id(store.vz))
@@ -517,18 +622,18 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Pl
     consts = dict(
         HKV=hkv, GQA=hq // hkv, BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)), D=d, BITS=store.bits,
         GT=store.group, GC=store.cgroup, K_TOKEN=store.key_axis == "token",
-        V_TOKEN=store.value_axis == "token", CAPF=store.fk.shape[2], SINK=store.sink, MASK_KIND=mask_kind,
+        V_TOKEN=store.value_axis == "token", SINK=store.sink, MASK_KIND=mask_kind,
         BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, PIECES=width > 0, W=max(16, width),
         CONV=0 if INTERPRET else CONV, MERGE_CHUNK=MERGE_CHUNK, GQA_P2=triton.next_power_of_2(hq // hkv),
-        ROTATE=bool(store.rotate),
+        ROTATE=bool(store.rotate), HAS_BIAS=has_bias, OBSERVE=observe,
     )  # MERGE_CHUNK 0: the merge runs as a second launch
     key = (query.device, query.dtype, store.dtype, mask.dtype, NUM_WARPS, NUM_STAGES, MAXNREG,
            *consts.values())
     resident = PROGRAMS_PER_SM or resident_programs(key, query.device) or 2  # 2: a guess until compiled
     n_mid, per = _splits(store.m, b * hkv, resident * _sm_count(query.device))
-    pm, pl, pa, lock = _workspace(query.device, b * hkv, hq // hkv, n_mid + 1, d)
+    pm, pl, pa, lock, lse = _workspace(query.device, b * hkv, hq // hkv, n_mid + 1, d)
     rotation = codec.hadamard(d, query.device) if store.rotate else pm  # pm: never read
-    tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock, rotation)
+    tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock, rotation, lse)
     fast = is_compiled(key)  # the first launch compiles, and Triton specialises on tensors, not pointers
     args = tuple(t.data_ptr() for t in tensors) if fast else tensors
     options = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, **({"maxnreg": MAXNREG} if MAXNREG else {}))
@@ -537,37 +642,65 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int) -> _Pl
     return plan
 
 
-def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
-                     ) -> torch.Tensor | None:
+def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                     bias: torch.Tensor | None = None, accumulate=None) -> torch.Tensor | None:
     """Attention of one query per head ``[B, Hq, 1, D]`` over ``store``; returns ``[B, 1, Hq, D]``.
 
-    Returns ``None`` (use the dense path) for shapes the kernel does not cover.
+    ``bias`` ``[B, H_kv, >= S]`` (float32) is added to each slot's score. With ``accumulate`` (the core's
+    ``Accumulate``: a float32 slot state and "sum" or "max") a second launch adds each slot's attention,
+    reduced over the query heads of its kv head, into that state. Returns ``None`` (use the dense path)
+    for shapes the kernel does not cover.
     """
     b, hq, q, d = query.shape
     if q != 1 or hq % store.h or d & (d - 1) or d < 16 or b != store.b:
         return None
+    if bias is not None and not (bias.dtype == torch.float32 and bias.stride(-1) == 1
+                                 and bias.stride(0) == store.h * bias.stride(1)):
+        return None
+    acc = None
+    if accumulate is not None:
+        acc = accumulate.into
+        if accumulate.reduce not in ("sum", "max") or acc.dtype != torch.float32 or not acc.is_contiguous():
+            return None
     decode_mask = kernel_mask(attention_mask, store.length, query)
     if decode_mask is None:
         return None
     mask_kind, mask, smb, sms = decode_mask
     if not query.is_contiguous():
         query = query.contiguous()
-    plan = _plan(store, query, mask, mask_kind)
+    plan = _plan(store, query, mask, mask_kind, bias is not None, acc is not None)
     a, ns = plan.args, plan.grid[0]
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
+    bias_in = bias if bias is not None else out  # out: never read without a bias
     if plan.fast:  # as data pointers, like the store's tensors (see _plan)
-        q_in, mask_in, out_in = query.data_ptr(), mask.data_ptr(), out.data_ptr()
+        q_in, mask_in, out_in, bias_in = query.data_ptr(), mask.data_ptr(), out.data_ptr(), bias_in.data_ptr()
     else:
         q_in, mask_in, out_in = query, mask, out
+    stride_bias = bias.stride(1) if bias is not None else 0
     launch(_split_kernel, plan.grid, plan.key, (
         q_in, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], mask_in, a[8], a[9], a[10], out_in, a[11],
-        a[12], store.s, store.m, store.w, store.cap_m, plan.per, plan.n_mid, scaling * LOG2E, smb, sms,
+        a[12], bias_in, a[13], store.s, store.m, store.w, store.cap_m, store.fk.shape[2], plan.per,
+        plan.n_mid,
+        scaling * LOG2E, smb, sms, stride_bias,
     ), plan.consts, **plan.options)
     if not MERGE_CHUNK:
         pm, pl, pa = plan.tensors[8:11]
-        merge = dict(D=d, NS_P2=max(2, triton.next_power_of_2(ns)))
+        merge = dict(D=d, NS_P2=max(2, triton.next_power_of_2(ns)), OBSERVE=acc is not None)
         launch(_merge_kernel, (b * hq,), (query.device, query.dtype, "merge", *merge.values()),
-               (pm, pl, pa, out, ns), merge)
+               (pm, pl, pa, out, plan.tensors[13], ns), merge)
+    if acc is not None:
+        names = ("HKV", "GQA", "BLOCK_H", "D", "BITS", "GT", "GC", "K_TOKEN", "SINK", "MASK_KIND", "BLOCK_N",
+                 "DOT_F32", "ROTATE")
+        consts = {name: plan.consts[name] for name in names}
+        consts.update(REDUCE_MAX=accumulate.reduce == "max", HAS_BIAS=bias is not None,
+                      REPLACE=bool(getattr(accumulate, "replace", False)))
+        key = (query.device, query.dtype, store.dtype, mask.dtype, "observe", *consts.values())
+        t = plan.tensors
+        launch(_observe_kernel, plan.grid, key, (
+            query, t[0], t[2], t[4], t[5], mask, t[13], acc, t[12], bias if bias is not None else out,
+            store.s, store.m, store.w, store.cap_m, store.fk.shape[2], plan.per, plan.n_mid, acc.shape[2],
+            scaling * LOG2E, smb, sms, stride_bias,
+        ), consts, num_warps=NUM_WARPS)
     return out
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from kvcompress import Representation, param
 
-from .store import QuantStore
+if TYPE_CHECKING:  # pragma: no cover
+    from kvcompress import LayerInfo
+
+    from .store import QuantStore
 
 
 @dataclass
@@ -66,6 +69,8 @@ class Quant(Representation):
             return self.channel_group
         return 64
 
-    def make_store(self, layer_idx: int) -> QuantStore:
+    def make_store(self, layer: LayerInfo) -> QuantStore:
+        from .store import QuantStore
+
         return QuantStore(self.bits, self.group, self.sink, self.window, self.key_axis,
                           self.value_axis, self.kernel, self.rotated, self.cgroup)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress import KVStore
+from kvcompress._kernels import append_pair
 from kvcompress.attention import decode_attention
-from kvcompress.kernels import append_pair
+from kvcompress.buffers import GROWTH
+from kvcompress.store import KVStore, Step
 
 from . import codec
 
@@ -19,9 +20,11 @@ class QuantStore(KVStore):
     """Slots ``[0, s)`` are the sink (model dtype), ``[s, s+m)`` the quantized middle (``m`` a multiple
     of ``group``), ``[s+m, s+m+w)`` the recent tail (model dtype, ``w < window + group``).
 
-    Full-precision tokens live in one buffer ``fk``/``fv`` of ``sink + window + group`` slots: the sink
-    at ``[0, s)``, the tail at ``[sink, sink + w)``. Once the tail reaches ``window + group`` tokens its
-    oldest whole groups are quantized in one go, so quantization runs once per ``group`` decoded tokens.
+    Full-precision tokens live in one buffer ``fk``/``fv`` of at most ``sink + window + group`` slots: the
+    sink at ``[0, s)``, the tail at ``[sink, sink + w)``. It grows with the tokens (a short context stays
+    in the model's dtype and holds no more than it stores, plus 1/32). Once the tail reaches
+    ``window + group`` tokens its oldest whole groups are quantized in one go, so quantization runs once
+    per ``group`` decoded tokens.
 
     With ``rotate`` the middle's codes encode keys and values times the Hadamard rotation ``R``
     (see :mod:`.codec`); :meth:`keys_values` rotates them back. A decode step (one query) instead attends
@@ -77,10 +80,26 @@ class QuantStore(KVStore):
             raise ValueError(f"quant: parameter 'bits' is {self.bits}: head_dim {d} must be a multiple of "
                              f"{p} to pack {p} codes per byte; allowed: bits=8")
         self.b, self.h, self.d, self.dtype, self.device = b, h, d, keys.dtype, keys.device
-        cap_f = self.sink + self.window + self.group
-        self.fk = keys.new_empty((b, h, cap_f, d))
-        self.fv = keys.new_empty((b, h, cap_f, d))
+        self.fk = keys.new_empty((b, h, 0, d))
+        self.fv = keys.new_empty((b, h, 0, d))
         self._alloc_mid(0)
+
+    def _reserve_fp(self, needed: int) -> None:
+        """Room for ``needed`` full-precision slots (sink at 0, tail at ``sink``), 1/32 of slack, at most
+        ``sink + window + group``."""
+        cap = self.fk.shape[2]
+        if needed <= cap:
+            return
+        most = self.sink + self.window + self.group
+        new_cap = min(most, needed + needed // GROWTH)
+        fk, fv = self.fk.new_empty((self.b, self.h, new_cap, self.d)), self.fv.new_empty((self.b, self.h,
+                                                                                          new_cap, self.d))
+        fk[:, :, : self.s] = self.fk[:, :, : self.s]
+        fv[:, :, : self.s] = self.fv[:, :, : self.s]
+        if self.w:
+            fk[:, :, self.sink : self.sink + self.w] = self.fk[:, :, self.sink : self.sink + self.w]
+            fv[:, :, self.sink : self.sink + self.w] = self.fv[:, :, self.sink : self.sink + self.w]
+        self.fk, self.fv = fk, fv
 
     def _alloc_mid(self, cap: int) -> None:
         """(Re)allocate the quantized middle with ``cap`` token slots, keeping the first ``m``."""
@@ -106,7 +125,7 @@ class QuantStore(KVStore):
     def _reserve_mid(self, needed: int) -> None:
         if needed <= self.cap_m:
             return
-        grow = max(needed, self.cap_m + max(self.cap_m // 16, 4 * self.group))  # little slack: memory counts
+        grow = max(needed, self.cap_m + max(self.cap_m // GROWTH, self.group))  # little slack: memory counts
         if self.cap_hint is not None:
             bound = max(self.cap_hint - self.sink - self.window, needed)
             grow = min(grow, bound)
@@ -127,15 +146,16 @@ class QuantStore(KVStore):
         self.m = e
 
     # -- KVStore ---------------------------------------------------------------------------------
-    def append(self, keys: torch.Tensor, values: torch.Tensor, cap: int | None = None) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, step: Step | None = None) -> None:
         if self.fk is None:
             self._init(keys)
-        self.cap_hint = cap
+        self.cap_hint = step.cap if step is not None else None
         q = keys.shape[2]
         self._last_q = q
         self._fresh = (keys, values) if q > 1 else None
         if self.s < self.sink:
             take = min(self.sink - self.s, q)
+            self._reserve_fp(self.s + take)
             self.fk[:, :, self.s : self.s + take] = keys[:, :, :take]
             self.fv[:, :, self.s : self.s + take] = values[:, :, :take]
             self.s += take
@@ -145,6 +165,8 @@ class QuantStore(KVStore):
         t0, w = self.sink, self.w
         total = w + q
         if total < self.window + self.group:  # the decode path, kept cheap on the host
+            if t0 + total > self.fk.shape[2]:
+                self._reserve_fp(t0 + total)
             if not append_pair(self.fk, self.fv, t0 + w, keys, values):
                 self.fk.narrow(2, t0 + w, q).copy_(keys)
                 self.fv.narrow(2, t0 + w, q).copy_(values)
@@ -158,6 +180,7 @@ class QuantStore(KVStore):
             all_k, all_v = keys, values
         self._mid_append(all_k[:, :, :nq], all_v[:, :, :nq])
         rest = total - nq
+        self._reserve_fp(t0 + rest)
         self.fk[:, :, t0 : t0 + rest] = all_k[:, :, nq:]
         self.fv[:, :, t0 : t0 + rest] = all_v[:, :, nq:]
         self.w = rest
@@ -209,19 +232,21 @@ class QuantStore(KVStore):
             self._fused = self.kernel != "torch" and self.device.type == "cuda" and kernels.AVAILABLE
         return self._fused
 
-    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
-               ) -> torch.Tensor | None:
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+               bias: torch.Tensor | None = None, accumulate=None) -> torch.Tensor | None:
         self._fresh = None  # update() has already handed the model its full-precision copy
         if query.shape[2] != 1:
             return None
         if not self._fused_enabled():
-            return self._attend_rotated_torch(query, attention_mask, scaling) if self.rotate else None
+            if accumulate is not None or not self.rotate:
+                return None  # the core attends over keys_values() and observes there
+            return self._attend_rotated_torch(query, attention_mask, scaling, bias)
         from . import kernels
 
-        return kernels.decode_attention(self, query, attention_mask, scaling)  # rotates inside where needed
+        return kernels.decode_attention(self, query, attention_mask, scaling, bias, accumulate)
 
-    def _attend_rotated_torch(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
-                              ) -> torch.Tensor | None:
+    def _attend_rotated_torch(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                              bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """One query per head ``[B, Hq, 1, D]`` against the store decoded in the rotated basis (the middle is
         not rotated back); returns ``[B, 1, Hq, D]``, or ``None`` for a mask of another shape."""
         n = self.length
@@ -229,30 +254,41 @@ class QuantStore(KVStore):
                                                                        or attention_mask.shape[-1] != n)):
             return None
         keys, values = self._dense(query.dtype, rotated=True)
-        out, _ = decode_attention(codec.rotate(query), keys, values, attention_mask, scaling)
+        out, _ = decode_attention(codec.rotate(query), keys, values, attention_mask, scaling, bias)
         return codec.rotate(out)
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep slots ``index`` ``[B, H, K]``: decode, gather, and re-split into sink / middle / tail.
+    def apply(self, index: torch.Tensor, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+              changed: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> None:
+        """Rebuild from a plan ``[B, H, K]``: decode, gather (new contents where ``changed`` or
+        ``index < 0``), and re-split into sink / middle / tail.
 
-        A token that stays in the middle keeps its codes and scales exactly (per-token axis), and so does
-        a whole group that stays together (per-channel axis); only groups broken by the eviction are
-        quantized again, from their decoded values. Sink and tail tokens stay bit-exact.
+        A token that stays in the middle unchanged keeps its codes and scales exactly (per-token axis), and
+        so does a whole group that stays together (per-channel axis); only groups broken by the eviction,
+        and new contents, are quantized again. Sink and tail tokens stay bit-exact.
         """
         self._fresh = None
         b, h, k = index.shape
         d, g = self.d, self.group
         index = index.to(self.device, torch.long)
-        keys, values = self._dense(torch.float32)
+        write = None
+        if keys is not None:
+            write = (index < 0) if changed is None else (changed.to(self.device) | (index < 0))
+            index = index.clamp(min=0)
+        dense_k, dense_v = self._dense(torch.float32)
         gi = index.unsqueeze(-1).expand(b, h, k, d)
-        gk, gv = keys.gather(2, gi), values.gather(2, gi)
-        del keys, values
+        gk, gv = dense_k.gather(2, gi), dense_v.gather(2, gi)
+        del dense_k, dense_v
+        if write is not None:
+            gk = torch.where(write.unsqueeze(-1), keys.to(self.device, torch.float32), gk)
+            gv = torch.where(write.unsqueeze(-1), values.to(self.device, torch.float32), gv)
         s_new = min(self.sink, k)
         m_new = max(0, k - s_new - self.window) // g * g
         w_new = k - s_new - m_new
-        # where each new middle slot came from in the old middle
+        # where each new middle slot came from in the old middle (rewritten slots come from nowhere)
         src = index[:, :, s_new : s_new + m_new] - self.s
         from_mid = (src >= 0) & (src < self.m)
+        if write is not None:
+            from_mid &= ~write[:, :, s_new : s_new + m_new]
         old = (self.ck, self.cv, self.ks, self.kz, self.vs, self.vz, self.m)
         self.s, self.m, self.w = s_new, 0, 0
         cap = m_new
@@ -264,6 +300,8 @@ class QuantStore(KVStore):
             self._mid_append(gk[:, :, s_new : s_new + m_new], gv[:, :, s_new : s_new + m_new])
             if old[6]:
                 self._restore_exact(src, from_mid, old)
+        self.w = 0
+        self._reserve_fp(self.sink + w_new if w_new else s_new)
         self.fk[:, :, :s_new] = gk[:, :, :s_new]
         self.fv[:, :, :s_new] = gv[:, :, :s_new]
         self.fk[:, :, self.sink : self.sink + w_new] = gk[:, :, s_new + m_new :]
@@ -306,6 +344,7 @@ class QuantStore(KVStore):
             g0 = keep_m // self.group * self.group
             if keep_m > g0:  # a partial group goes back to full precision in the tail
                 keys, values = self._dense(self.dtype)
+                self._reserve_fp(self.sink + keep_m - g0)
                 a, e = self.s + g0, self.s + keep_m
                 self.fk[:, :, self.sink : self.sink + keep_m - g0] = keys[:, :, a:e]
                 self.fv[:, :, self.sink : self.sink + keep_m - g0] = values[:, :, a:e]

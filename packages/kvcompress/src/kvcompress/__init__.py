@@ -1,34 +1,57 @@
-"""kvcompress: KV-cache compression for Hugging Face transformers."""
+"""kvcompress: KV-cache compression for Hugging Face transformers.
+
+``import kvcompress`` is light (neither torch nor transformers is imported): the cache machinery loads on
+first use of a name that needs it, so listing and validating policies stays fast.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from .accounting import kv_bytes
-from .attention import AttentionRecord, capture_attention
-from .attention import register as _register_attention
-from .buffers import SlotBuffer
-from .cache import CompressedCache, Full, FullCache, build_policies, make_cache
 from .errors import (
     AttentionNotAttachedError,
+    CacheReuseError,
     KVCompressError,
+    ModelRequiredError,
     PolicyUnavailableError,
     RegistrationConflictError,
     UnknownPolicyError,
+    WeightsError,
 )
 from .hookspecs import hookimpl, hookspec
-from .layer import CompressedLayer
-from .model import attach
 from .params import param, parameters
 from .plugins import Entry, PluginFailure, Registry, get_registry
-from .policy import CachePolicy, Policy, Representation, SelectionPolicy, SlotContext
+from .policy import CachePolicy, Policy, Representation, SelectionPolicy
+from .resolve import build_policies, validate_spec
 from .spec import parse_spec
-from .store import DenseStore, KVStore
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_register_attention()
+# name -> module that defines it (imported on first access: these need torch / transformers)
+_LAZY = {
+    "make_cache": "cache", "CompressedCache": "cache", "FullCache": "cache",
+    "Full": "builtins", "CompressedLayer": "layer", "SlotContext": "context", "LayerInfo": "context",
+    "ModelInfo": "context", "Plan": "plan", "Added": "plan", "merge_into": "plan", "KVStore": "store",
+    "DenseStore": "store", "Step": "store", "Accumulate": "store", "SlotBuffer": "buffers",
+    "attach": "model", "detach": "model", "kv_bytes": "accounting", "capture_attention": "attention",
+    "AttentionRecord": "attention", "decode_attention": "attention", "load_weights": "weights",
+    "save_weights": "weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvcompress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 @dataclass(frozen=True)
@@ -53,11 +76,9 @@ def list_policies() -> list[PolicyInfo]:
 
 
 __all__ = [
-    "AttentionNotAttachedError", "AttentionRecord", "CachePolicy", "CompressedCache", "CompressedLayer",
-    "DenseStore", "Entry",
-    "Full", "FullCache", "KVCompressError", "KVStore", "PluginFailure", "Policy", "PolicyInfo",
-    "PolicyUnavailableError", "Registry", "RegistrationConflictError", "Representation", "SelectionPolicy",
-    "SlotBuffer", "SlotContext", "UnknownPolicyError", "attach", "build_policies", "capture_attention",
-    "get_registry", "hookimpl", "hookspec", "kv_bytes", "list_policies", "make_cache", "param", "parameters",
-    "parse_spec",
+    "AttentionNotAttachedError", "CachePolicy", "CacheReuseError", "Entry", "KVCompressError",
+    "ModelRequiredError", "Policy", "PolicyInfo", "PolicyUnavailableError", "PluginFailure", "Registry",
+    "RegistrationConflictError", "Representation", "SelectionPolicy", "UnknownPolicyError", "WeightsError",
+    "build_policies", "get_registry", "hookimpl", "hookspec", "list_policies", "param", "parameters", "parse_spec",
+    "validate_spec", *_LAZY,
 ]

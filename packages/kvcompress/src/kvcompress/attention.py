@@ -1,11 +1,14 @@
 """The attention function kvcompress registers with transformers' ``AttentionInterface``.
 
-It wraps sdpa. For a call whose keys come from a :class:`CompressedLayer` it
-also (1) hands the active policy the attention weights when the policy asks
-for them, computed in the same pass for a decode step and in chunks of queries
-for a prompt (never a full n x n matrix per head at once), (2) tells the layer
-which new tokens are padding, and (3) lets the layer evict once attention is
-done. Calls from any other cache pass straight through to sdpa.
+It wraps sdpa and is set only on models given to :func:`kvcompress.attach` (or
+``make_cache(..., model=model)``). For a call whose keys come from a
+:class:`CompressedLayer` it also (1) adds the layer's per-slot attention bias,
+(2) lets the store attend from its own form (a fused kernel), (3) hands the
+active policy the attention weights when the policy asks for them, computed in
+the same pass for a decode step and in chunks of queries for a prompt (never a
+full n x n matrix per head at once), (4) tells the layer which new tokens are
+padding, and (5) lets the layer evict once attention is done. Calls from any
+other cache pass straight through to sdpa.
 """
 
 from __future__ import annotations
@@ -20,9 +23,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import kernels
 from .layer import CompressedLayer, current
-from .store import DenseStore
+from .store import Accumulate
 
 NAME = "kvcompress"
 QUERY_CHUNK = 256  # queries per chunk when a prompt's attention weights are observed
@@ -67,17 +69,19 @@ def _new_valid(mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
 
 
 def _weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-             start: int, stop: int) -> torch.Tensor:
+             start: int, stop: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention weights ``[B, H_kv, G, stop-start, S]`` of queries ``start:stop``.
 
     The G query heads of a kv head are stacked as rows of one matmul against that head's keys,
-    so K is read once, never expanded G times.
+    so K is read once, never expanded G times. ``bias`` ``[B, H_kv, S]`` is added to every score.
     """
     b, hq, q_total, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     g, c = hq // hkv, stop - start
     qc = query[:, :, start:stop].reshape(b, hkv, g * c, d)
     scores = (torch.matmul(qc, key.transpose(-1, -2)).float() * scaling).view(b, hkv, g, c, s)
+    if bias is not None:
+        scores = scores + bias[:, :, None, None, :]
     if mask is not None:
         scores = scores + _mask_bias(mask[:, :, start:stop]).unsqueeze(1)
     elif q_total > 1:  # sdpa's implicit causal mask, bottom-right aligned
@@ -98,10 +102,11 @@ def _ignored(like: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     scaling: float, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per head ``[B, Hq, 1, D]`` against ``key``/``value`` ``[B, H_kv, S, D]`` (``mask``: the
-    model's 4-D mask over those S slots, or None): the output ``[B, 1, Hq, D]`` and the attention weights
-    ``[B, H_kv, G, 1, S]``, in one pass over K and V. Also for a store's own ``attend``.
+    model's 4-D mask over those S slots, or None; ``bias``: a per-slot ``[B, H_kv, S]`` float32 term, or
+    None): the output ``[B, 1, Hq, D]`` and the attention weights ``[B, H_kv, G, 1, S]``, in one pass over K
+    and V. Also for a store's own ``attend``.
 
     Few kernels on purpose (a decode step is bound by the host's launches): the scaled scores in one
     batched matmul, the softmax in float32 written in the model's dtype (as eager attention casts it),
@@ -113,9 +118,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     q3 = query.reshape(b * hkv, g, d)
     k3 = key.reshape(b * hkv, s, d)
     scores = torch.baddbmm(_ignored(q3).expand(b * hkv, g, s), q3, k3.transpose(1, 2), beta=0.0, alpha=scaling)
+    if bias is not None:
+        scores = scores + bias.reshape(b * hkv, 1, s).to(scores.dtype)
     if mask is not None:
-        bias = _mask_bias(mask[:, :, -1:]).to(scores.dtype)  # [B, 1, 1, S]
-        scores = (scores.view(b, hkv, g, s) + bias).view(b * hkv, g, s)
+        mb = _mask_bias(mask[:, :, -1:]).to(scores.dtype)  # [B, 1, 1, S]
+        scores = (scores.view(b, hkv, g, s) + mb).view(b * hkv, g, s)
     weights = torch.softmax(scores, dim=-1)
     if mask is not None:
         weights = weights.nan_to_num(0.0)
@@ -123,17 +130,29 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.view(b, 1, hq, d), weights.view(b, hkv, g, 1, s)
 
 
-def _fused_decode(layer: CompressedLayer, query, mask, scaling) -> torch.Tensor | None:
-    """The decode step's attention and the policy's observation in one kernel, where both allow it."""
-    if not (kernels.ENABLED and kernels.AVAILABLE and query.device.type == "cuda"
-            and isinstance(layer.store, DenseStore)):
-        return None
-    accumulated = layer.selection.accumulated_attention()
-    if accumulated is None:
-        return None
-    buf = layer.store.buf.tensors
-    return kernels.observed_decode(query, buf["keys"], buf["values"], layer.store.length, mask, scaling,
-                                   layer.slots.tensors[accumulated[0]], accumulated[1])
+def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+               ) -> torch.Tensor:
+    """The model's mask (bool, additive or None: causal) plus the per-slot bias, as one additive mask
+    ``[B, Hq, q, S]`` in the query's dtype for sdpa."""
+    b, hq, q, _ = query.shape
+    hkv, s = key.shape[1], key.shape[2]
+    per_head = bias.repeat_interleave(hq // hkv, dim=1)[:, :, None, :]  # [B, Hq, 1, S]
+    if mask is None:
+        base = torch.zeros((q, s), dtype=torch.float32, device=key.device)
+        if q > 1:  # sdpa's implicit causal mask, bottom-right aligned
+            qpos = torch.arange(q, device=key.device).view(-1, 1) + (s - q)
+            base = base.masked_fill(torch.arange(s, device=key.device).view(1, -1) > qpos, float("-inf"))
+        base = base.view(1, 1, q, s)
+    else:
+        base = _mask_bias(mask).float()
+    return (base + per_head).to(query.dtype)
+
+
+def _sdpa(module, query, key, value, mask, dropout, scaling, bias, kwargs) -> torch.Tensor:
+    if bias is not None:
+        mask = _with_bias(mask, bias, query, key)
+    out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    return out
 
 
 def _record(layer_idx: int, weights: torch.Tensor, positions: torch.Tensor) -> None:
@@ -142,7 +161,7 @@ def _record(layer_idx: int, weights: torch.Tensor, positions: torch.Tensor) -> N
 
 
 def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """sdpa, plus observation, padding tracking and eviction for kvcompress layers."""
+    """sdpa, plus the per-slot bias, observation, padding tracking and eviction for kvcompress layers."""
     layer: CompressedLayer | None = getattr(current, "layer", None)
     capturing = getattr(_capture, "records", None) is not None
     if scaling is None:
@@ -159,52 +178,58 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     current.layer = None
     layer.returned_keys = None  # don't pin a decoded copy (a quantized store's) past this call
     q = query.shape[2]
-    observe = layer.selection.needs_attention
-    out = layer.store.attend(query, attention_mask, scaling)
-    if out is not None and not (observe or capturing):
-        layer.finish_attention(_new_valid(attention_mask, q))
-        return out, None
+    policy = layer.selection
+    observe = policy.needs_attention
+    bias = layer.bias_view()
+    new_valid = _new_valid(attention_mask, q)
+    if q == 1 and not capturing:
+        accumulate = None
+        if observe:
+            acc = policy.accumulated_attention()
+            if acc is not None:
+                accumulate = Accumulate(layer.slots.tensors[acc[0]], acc[1], len(acc) > 2 and acc[2] == "set")
+        if not observe or accumulate is not None:
+            out = layer.store.attend(query, attention_mask, scaling, bias=bias, accumulate=accumulate)
+            if out is not None:  # the store attended (and observed) from its own form
+                layer.finish_attention(new_valid, query)
+                return out, None
     if not layer.dense_returned:  # update() handed out stand-ins: decode for real
         key, value = layer.store.keys_values()
     if not (observe or capturing):
-        if out is None:
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, **kwargs)
-        layer.finish_attention(_new_valid(attention_mask, q))
+        if q == 1 and bias is not None:
+            out, _ = decode_attention(query, key, value, attention_mask, scaling, bias)
+        else:
+            out = _sdpa(module, query, key, value, attention_mask, dropout, scaling, bias, kwargs)
+        layer.finish_attention(new_valid, query)
         return out, None
-    if q == 1 and out is None and observe and not capturing:
-        out = _fused_decode(layer, query, attention_mask, scaling)
-        if out is not None:
-            layer.finish_attention(_new_valid(attention_mask, q))
-            return out, None
-    if q == 1 and out is None:
-        out, weights = decode_attention(query, key, value, attention_mask, scaling)
+    if q == 1:
+        out, weights = decode_attention(query, key, value, attention_mask, scaling, bias)
         chunks = [(0, 1, weights)]
     else:
-        if out is None:
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, **kwargs)
+        out = _sdpa(module, query, key, value, attention_mask, dropout, scaling, bias, kwargs)
         chunks = ((i, min(i + QUERY_CHUNK, q), None) for i in range(0, q, QUERY_CHUNK))
     table = layer.slots.tensors["positions"]  # the new tokens' slots: [n - q, n)
     first = layer.slots.length - q
-    ctx = layer.context() if observe else None
+    ctx = layer.context(query, q) if observe else None
     for start, stop, weights in chunks:
         if weights is None:
-            weights = _weights(query, key, attention_mask, scaling, start, stop)
+            weights = _weights(query, key, attention_mask, scaling, start, stop, bias)
         if observe:
-            layer.selection.observe(ctx, weights, table[0, 0, first + start : first + stop])
+            policy.observe(ctx, weights, table[0, 0, first + start : first + stop])
         if capturing:
             _record(layer.layer_idx, weights, layer.slots.view("positions").clone())
-    layer.finish_attention(_new_valid(attention_mask, q))
+    layer.finish_attention(new_valid, query, ctx)
     return out, None
 
 
-def register() -> None:
-    """Register ``"kvcompress"`` with transformers and route ``"sdpa"`` through it.
+_REGISTERED = False
 
-    Wrapping ``sdpa`` makes a kvcompress cache work with a model loaded the
-    default way; calls from any other cache pass straight through to sdpa.
-    """
-    AttentionInterface.register(NAME, kvcompress_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    AttentionInterface.register("sdpa", kvcompress_attention)
+
+def register() -> None:
+    """Register ``"kvcompress"`` with transformers' attention and mask interfaces (once; under its own name,
+    so no other model's attention changes). :func:`kvcompress.attach` calls it."""
+    global _REGISTERED
+    if not _REGISTERED:
+        AttentionInterface.register(NAME, kvcompress_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        _REGISTERED = True

@@ -1,14 +1,17 @@
 """Preallocated per-slot tensors of shape ``[batch, heads, capacity, ...]``.
 
 One mechanism for everything a cache layer keeps per stored token: keys,
-values, positions, validity, policy scores. Appends write in place (no
-``torch.cat`` per step); eviction gathers the kept slots of every
-(batch, head) with one ``index_select`` per tensor.
+values, positions, validity, attention bias, policy state. Appends write in
+place (no ``torch.cat`` per step); eviction gathers the kept slots of every
+(batch, head) with one ``index_select`` per tensor. Capacity grows by 1/32 at a
+time (reserved room is held memory), never beyond the layer's fixed capacity.
 """
 
 from __future__ import annotations
 
 import torch
+
+GROWTH = 32  # capacity grows by 1/GROWTH of what is needed
 
 
 class SlotBuffer:
@@ -36,13 +39,19 @@ class SlotBuffer:
             self.tensors[name] = new
 
     def reserve(self, needed: int, cap: int | None = None) -> None:
-        """Make room for ``needed`` slots, doubling, but never beyond ``cap`` when ``cap`` suffices."""
+        """Make room for ``needed`` slots plus 1/32 of slack, but never beyond ``cap`` when ``cap`` suffices."""
         if needed <= self.capacity:
             return
-        target = max(needed, 2 * self.capacity)
+        target = needed + needed // GROWTH
         if cap is not None and cap >= needed:
             target = min(target, cap)
         self._reallocate(target)
+
+    def add(self, name: str, fill: torch.Tensor) -> None:
+        """A new per-slot tensor ``name`` shaped like the others (``[B, H, capacity]``), filled with ``fill``
+        (a 0-d tensor giving dtype and value)."""
+        like = self.tensors["valid"]
+        self.tensors[name] = fill.to(like.device).expand(like.shape).clone()
 
     def shrink(self, capacity: int) -> None:
         """Free memory beyond ``capacity`` slots (after a long prompt was compressed)."""

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from .builtins import Full
+from .context import ModelInfo
+from .errors import ModelRequiredError
 from .layer import CompressedLayer
-from .plugins import get_registry
 from .policy import Policy, Representation
-from .spec import parse_spec
-
-
-@dataclass
-class Full(Policy):
-    """No compression: every token kept in the model's dtype (the reference)."""
-
-    name: ClassVar[str] = "full"
-    kind: ClassVar[str] = "selection"
-    needs_attention: ClassVar[bool] = False
-    slot_states: ClassVar[dict[str, torch.dtype]] = {}
-    ratio_driven: ClassVar[bool] = False
-    step: ClassVar[int] = 1
-    sink: ClassVar[int] = 0
-    recent: ClassVar[int] = 0
-
-    def target(self, seen: int) -> None:
-        return None
+from .resolve import build_policies
 
 
 class _Composable:
@@ -36,6 +20,7 @@ class _Composable:
 
     selection: Policy
     representation: Representation | None
+    _model: Any = None
 
     def __or__(self, other: Any) -> CompressedCache:
         if not isinstance(other, Representation):
@@ -49,7 +34,11 @@ class _Composable:
             )
         if self.get_seq_length() > 0:
             raise ValueError("cache | representation: compose before the cache is used")
-        return CompressedCache(self.selection, other)
+        if self._model is not None and getattr(other, "needs_rope", False):
+            from .model import attach
+
+            attach(self._model, inputs=True)
+        return CompressedCache(self.selection, other, model=self._model)
 
     @property
     def spec(self) -> str:
@@ -63,26 +52,50 @@ class _Composable:
 class FullCache(_Composable, DynamicCache):
     """The full cache: transformers' ``DynamicCache`` itself, so ``full`` is the honest reference."""
 
-    def __init__(self, config=None) -> None:
+    def __init__(self, config=None, model: Any = None) -> None:
         super().__init__(config=config)
         self.selection = Full()
         self.representation = None
+        self._model = model
 
 
 class CompressedCache(_Composable, Cache):
-    """A transformers ``Cache`` whose layers follow one selection and at most one representation."""
+    """A transformers ``Cache`` whose layers follow one selection and at most one representation.
 
-    def __init__(self, selection: Policy, representation: Representation | None = None) -> None:
+    Made with the model (``make_cache(spec, model=model)``), the policies' ``setup()`` runs at once with
+    what the model's config says; otherwise at the first update, with what it shows. ``cache[i]`` is
+    layer ``i``'s stored ``(keys, values)``.
+    """
+
+    def __init__(self, selection: Policy, representation: Representation | None = None, model: Any = None) -> None:
         super().__init__(layers=[])
         self.selection = selection
         self.representation = representation
+        self._model = model
+        self.model_info: ModelInfo | None = None
+        self.shared: dict[str, Any] | None = None
+        self._frozen = False
+        if model is not None:
+            self._setup(ModelInfo.from_model(model))
+
+    def _setup(self, info: ModelInfo) -> None:
+        self.model_info = info
+        rep = self.representation
+        self.shared = {"selection": self.selection.setup(info),
+                       "representation": rep.setup(info) if rep is not None else None}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.shared is None:
+            self._setup(ModelInfo(num_kv_heads=key_states.shape[1], head_dim=key_states.shape[-1]))
         while len(self.layers) <= layer_idx:
-            layer = CompressedLayer(self.selection, self.representation, len(self.layers))
-            layer.frozen = getattr(self, "_frozen", False)
+            layer = CompressedLayer(self.selection, self.representation, len(self.layers), cache=self)
+            layer.frozen = self._frozen
             self.layers.append(layer)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        layer = self.layers[layer_idx]
+        return layer.keys, layer.values
 
     def compress(self) -> None:
         """Evict every layer down to its policy's target now, whatever ``step`` says (e.g. right after a
@@ -101,49 +114,27 @@ class CompressedCache(_Composable, Cache):
         return f"CompressedCache({self.spec!r}, layers={len(self.layers)})"
 
 
-def build_policies(spec: str, **params: Any) -> tuple[Policy, Representation | None]:
-    """Resolve a spec (plus keyword parameters for its first part) into policy objects."""
-    parts = parse_spec(spec)
-    if params:
-        name, first = parts[0]
-        for key in params:
-            if key in first:
-                raise ValueError(f"parameter {key!r} is given both in the spec {spec!r} and as a keyword")
-        parts[0] = (name, {**first, **params})
-    registry = get_registry()
-    selection: Policy | None = None
-    representation: Representation | None = None
-    for name, kwargs in parts:
-        cls = registry.policy(name).obj
-        policy = cls.from_params(**kwargs)
-        if policy.kind == "cache" and len(parts) > 1:
-            raise ValueError(f"spec {spec!r}: {name!r} builds a cache of its own and composes with no other "
-                             "policy; allowed: it alone")
-        if policy.kind == "representation":
-            if representation is not None:
-                raise ValueError(f"spec {spec!r}: at most one representation policy, got "
-                                 f"{representation.name!r} and {name!r}")
-            representation = policy
-        else:
-            if selection is not None:
-                raise ValueError(f"spec {spec!r}: at most one selection policy, got {selection.name!r} and {name!r}")
-            selection = policy
-    return selection or Full(), representation
-
-
 def make_cache(spec: str, model: Any = None, **params: Any) -> Cache:
-    """A transformers ``Cache`` for ``spec``, e.g. ``make_cache("sink", budget=128)``.
+    """A transformers ``Cache`` for ``spec``, e.g. ``make_cache("sink", budget=128, model=model)``.
 
-    ``full`` alone gives transformers' own ``DynamicCache`` (the reference).
-    With ``model``, the model is checked and attached (see :func:`kvcompress.attach`).
+    ``full`` alone gives transformers' own ``DynamicCache`` (the reference). With ``model``, the model's
+    attention is routed through kvcompress (:func:`kvcompress.attach`) and the policies are set up for it;
+    a policy that observes attention or reads hidden states needs it.
     """
     from .model import attach
 
     selection, representation = build_policies(spec, **params)
     if selection.kind == "cache":
         return selection.build(model)
+    needs_inputs = bool(getattr(selection, "needs_hidden_states", False)
+                        or getattr(representation, "needs_rope", False))
+    if model is None and (getattr(selection, "needs_attention", False) or needs_inputs):
+        what = "observes attention" if getattr(selection, "needs_attention", False) else "reads the model's inputs"
+        raise ModelRequiredError(
+            f"{spec!r}: this policy {what}; pass the model: kvcompress.make_cache({spec!r}, model=model)"
+        )
     if model is not None:
-        attach(model)
+        attach(model, inputs=needs_inputs)
     if isinstance(selection, Full) and representation is None:
-        return FullCache()
-    return CompressedCache(selection, representation)
+        return FullCache(model=model)
+    return CompressedCache(selection, representation, model=model)

@@ -21,3 +21,15 @@ class RegistrationConflictError(KVCompressError, ValueError):
 
 class AttentionNotAttachedError(KVCompressError, RuntimeError):
     """A compressing cache was used by a model whose attention does not go through kvcompress."""
+
+
+class ModelRequiredError(KVCompressError, ValueError):
+    """A policy needs the model (hidden states, weights found by architecture, RoPE) and got none."""
+
+
+class CacheReuseError(KVCompressError, ValueError):
+    """A cache that already holds a prompt was fed as if it were new."""
+
+
+class WeightsError(KVCompressError, ValueError):
+    """A weights/calibration file is not safetensors, or was made for another model."""

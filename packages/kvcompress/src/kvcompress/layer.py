@@ -3,79 +3,132 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .buffers import SlotBuffer
-from .errors import AttentionNotAttachedError
-from .policy import Representation, SlotContext
-from .store import DenseStore
+from .context import LayerInfo, ModelInfo, SlotContext
+from .errors import AttentionNotAttachedError, CacheReuseError
+from .plan import Plan
+from .policy import SelectionPolicy
+from .store import DenseStore, Step
 
 # The layer whose ``update`` ran last in this thread: the attention call that follows is its own.
 current = threading.local()
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "int32": torch.int32, "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8}
+
+
+def state_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A ``slot_states`` dtype given by name (``"float32"``) or as a torch dtype."""
+    return dtype if isinstance(dtype, torch.dtype) else _DTYPES[dtype]
 
 
 class CompressedLayer(CacheLayerMixin):
     """One layer's cache under a selection policy and an optional representation.
 
-    ``get_seq_length()`` is the number of tokens *seen* (so new tokens keep their
-    true positions); ``get_mask_sizes()`` covers the tokens *stored*. Eviction
-    runs right after the layer's attention (see :mod:`kvcompress.attention`),
-    once ``step`` tokens have accumulated beyond the budget.
+    It owns one slot table (per (batch, kv-head, slot): position, validity, the policy's per-slot state,
+    an optional attention bias) and a store holding the slots' keys and values. ``get_seq_length()`` is
+    the number of tokens *seen* (so new tokens keep their true positions); ``get_mask_sizes()`` covers the
+    tokens *stored*. Eviction runs right after the layer's attention (see :mod:`kvcompress.attention`),
+    once ``step`` tokens have accumulated beyond the target; it applies the policy's plan to the slot
+    table and the store at once. ``keys``/``values`` give what is stored, as transformers' layers do.
     """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, selection, representation: Representation | None, layer_idx: int) -> None:
+    def __init__(self, selection, representation, layer_idx: int, cache: Any = None) -> None:
         super().__init__()
         self.selection = selection
         self.representation = representation
         self.layer_idx = layer_idx
+        self.cache = cache
         self.slots = SlotBuffer()
         self.store = None
+        self.bound: Any = None
+        self.info: LayerInfo | None = None
         self.seen = 0
         self.returned_keys: torch.Tensor | None = None
         self.dense_returned = True
         self.awaiting_attention = False
         self.evictions = 0
+        self.frozen = False  # True: no eviction until unfrozen (see CompressedCache.freeze)
         self.padded = False  # a padding mask was seen: padding may sit in some rows' slots
         self._shared_keep: dict[tuple[int, int], torch.Tensor] = {}
-        self.frozen = False  # True: no eviction until unfrozen (see CompressedCache.freeze)
+        self._on_tokens = getattr(type(selection), "on_tokens", None) not in (None, SelectionPolicy.on_tokens)
+
+    # -- transformers' layer contract ----------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The stored keys ``[B, H_kv, S, D]`` (after RoPE; decoded for packed stores), or None."""
+        return self.store.keys_values()[0] if self.store is not None and self.slots.tensors else None
+
+    @keys.setter
+    def keys(self, value: Any) -> None:  # CacheLayerMixin.__init__ sets None; what is stored is the store's
+        if value is not None:
+            raise AttributeError("CompressedLayer.keys is what the store holds; it cannot be assigned")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The stored values ``[B, H_kv, S, D]`` (decoded for packed stores), or None."""
+        return self.store.keys_values()[1] if self.store is not None and self.slots.tensors else None
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        if value is not None:
+            raise AttributeError("CompressedLayer.values is what the store holds; it cannot be assigned")
 
     @property
     def is_croppable(self) -> bool:  # a rollback cannot bring evicted tokens back
         return self.evictions == 0
 
-    # -- transformers API -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
+        b, h, _, d = key_states.shape
+        model = self.cache.model_info if self.cache is not None else ModelInfo()
+        shared = self.cache.shared if self.cache is not None else {}
+        base = dict(index=self.layer_idx, model=model, batch=b, kv_heads=h, head_dim=d, dtype=key_states.dtype,
+                    device=key_states.device)
+        self.info = LayerInfo(**base, shared=shared.get("selection"))
+        self.bound = self.selection.bind(self.info)
         rep = self.representation
-        self.store = rep.make_store(self.layer_idx) if rep is not None else DenseStore()
+        if rep is None:
+            self.store = DenseStore(self.info)
+        else:
+            self.store = rep.make_store(LayerInfo(**base, shared=shared.get("representation")))
         self.is_initialized = True
 
     def _capacity(self) -> int | None:
+        """The most slots this layer holds between evictions (``None``: no fixed bound)."""
         target = self.selection.target(self.seen)
-        return None if target is None or self.selection.ratio_driven else target + self.selection.step
+        if target is None or self.selection.ratio_driven:
+            return None
+        return self.selection.kept_slots(target) + self.selection.step
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.awaiting_attention and self.selection.target(self.seen) is not None:
+        if self.awaiting_attention and (self.selection.target(self.seen) is not None
+                                        or self.selection.needs_attention):
             raise AttentionNotAttachedError(
-                "this kvcompress cache evicts after attention, but the model's attention did not go "
-                "through kvcompress; load the model with attn_implementation='sdpa' or call "
-                "kvcompress.attach(model)"
+                "this kvcompress cache evicts after attention, but the model's attention did not go through "
+                "kvcompress; pass the model when making the cache: kvcompress.make_cache(spec, model=model) "
+                "(or call kvcompress.attach(model))"
             )
         b, h, q, _ = key_states.shape
         cap = self._capacity()
         if self.slots.tensors and self.slots.length + q <= self.slots.capacity:
-            self.slots.length += q  # positions, validity and state of free slots are pre-filled
+            self.slots.length += q  # positions, validity, state and bias of free slots are pre-filled
         else:
             self._append_slots(b, h, q, key_states.device, cap)
-        self.store.append(key_states, value_states, cap=cap)
+        inputs = _captured_inputs(self.layer_idx)
+        cos, sin = inputs.get("rope", (None, None))
+        self.store.append(key_states, value_states, Step(start=self.seen, cap=cap, cos=cos, sin=sin))
         self.seen += q
         stand_ins = None if self.selection.needs_attention else self.store.stand_ins()
         keys, values = stand_ins if stand_ins is not None else self.store.keys_values()
@@ -92,7 +145,9 @@ class CompressedLayer(CacheLayerMixin):
             "valid": torch.ones((1, 1, 1), dtype=torch.bool, device=device).expand(b, h, q),
         }
         for name, dtype in self.selection.slot_states.items():
-            new[name] = torch.zeros((1, 1, 1), dtype=dtype, device=device).expand(b, h, q)
+            new[name] = torch.zeros((1, 1, 1), dtype=state_dtype(dtype), device=device).expand(b, h, q)
+        if "bias" in self.slots.tensors:
+            new["bias"] = torch.zeros((1, 1, 1), dtype=torch.float32, device=device).expand(b, h, q)
         self.slots.append(cap=cap, **new)
         self._prefill_free_slots(self.seen + q)
 
@@ -105,10 +160,15 @@ class CompressedLayer(CacheLayerMixin):
         t["positions"][:, :, n:] = torch.arange(next_position, next_position + cap - n,
                                                 device=t["positions"].device, dtype=torch.int32)
         t["valid"][:, :, n:].fill_(True)  # fill_, not `= True`: a Python scalar set on a GPU tensor may copy
-        for name in self.selection.slot_states:
+        for name in (*self.selection.slot_states, *(("bias",) if "bias" in t else ())):
             t[name][:, :, n:].fill_(0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if query_length == 0 and self.seen:
+            raise CacheReuseError(
+                f"this cache already holds {self.seen} tokens of an earlier prompt and was given none new; "
+                "make a new cache (kvcompress.make_cache) for each prompt, or call cache.reset() first"
+            )
         stored = self.slots.length
         return stored + query_length, self.seen - stored
 
@@ -121,19 +181,26 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.slots.clear()
         self.store = None
+        self.bound = None
         self.seen = 0
         self.evictions = 0
+        self.padded = False
         self.awaiting_attention = False
         self.is_initialized = False
 
-    def crop(self, tokens_to_remove: int) -> None:
-        n = abs(tokens_to_remove) if tokens_to_remove < 0 else self.seen - tokens_to_remove
+    def crop(self, max_length: int) -> None:
+        """transformers' ``crop``: a negative value removes that many of the last tokens; a positive one is the
+        length to keep (transformers' legacy meaning). Only tokens still stored can be removed."""
+        n = -max_length if max_length < 0 else self.seen - max_length
         if n <= 0 or not self.is_initialized:
             return
-        if n > self.slots.length:
+        positions = self.slots.view("positions")
+        tail_ok = self.slots.length >= n and bool((positions[..., self.slots.length - n:]
+                                                   >= self.seen - n).all())
+        if not tail_ok:
             raise ValueError(
-                f"crop: parameter 'tokens_to_remove' asks to remove {n} tokens; allowed: at most the "
-                f"{self.slots.length} tokens this layer stores"
+                f"crop: parameter 'max_length' ({max_length}) asks to remove the last {n} tokens; allowed: at "
+                f"most the last tokens this layer still stores unevicted"
             )
         self.slots.truncate(n)
         self.store.truncate(n)
@@ -158,23 +225,35 @@ class CompressedLayer(CacheLayerMixin):
             self.slots.select_batch(index)
             self.store.select_batch(index)
 
-    def offload(self) -> None:  # the dense buffers stay where they are
+    def offload(self) -> None:  # the buffers stay where they are
         pass
 
     def prefetch(self) -> None:
         pass
 
-    # -- policy machinery ---------------------------------------------------------------------------
-    def context(self) -> SlotContext:
-        return SlotContext(self.layer_idx, self.seen, self.slots, self.store, self.selection.slot_states)
+    # -- what attention needs ------------------------------------------------------------------------------
+    def bias_view(self) -> torch.Tensor | None:
+        """The stored slots' additive attention bias ``[B, H_kv, S]`` (float32), or None (no slot has one)."""
+        return self.slots.view("bias") if "bias" in self.slots.tensors else None
 
-    def finish_attention(self, new_valid: torch.Tensor | None) -> None:
-        """Called after this layer's attention: record padding, then evict if due."""
+    def context(self, queries: torch.Tensor | None = None, new: int = 0) -> SlotContext:
+        hidden = _captured_inputs(self.layer_idx).get("hidden") if self.selection.needs_hidden_states else None
+        return SlotContext(self, queries, new, hidden)
+
+    def finish_attention(self, new_valid: torch.Tensor | None, queries: torch.Tensor | None = None,
+                         ctx: SlotContext | None = None) -> None:
+        """Called after this layer's attention: record padding, let the policy see the new tokens, then
+        evict if due."""
         self.awaiting_attention = False
+        q = queries.shape[2] if queries is not None else 0
         if new_valid is not None:
             self.padded = True
             q = new_valid.shape[-1]
             self.slots.tensors["valid"][:, :, self.slots.length - q : self.slots.length] &= new_valid[:, None, :]
+        if self._on_tokens:
+            if ctx is None or ctx.queries is None:
+                ctx = self.context(queries, q)
+            self.selection.on_tokens(ctx)
         self.maybe_evict()
 
     def maybe_evict(self, force: bool = False) -> None:
@@ -183,21 +262,83 @@ class CompressedLayer(CacheLayerMixin):
         target = self.selection.target(self.seen)
         if target is None or self.frozen or not self.is_initialized:
             return
-        if self.slots.length < target + (1 if force else self.selection.step):
+        if self.slots.length < self.selection.kept_slots(target) + (1 if force else self.selection.step):
             return
         n = self.slots.length
-        if self.selection.positional and not self.padded:
-            keep = self._positional_keep(n, target)
+        if self.selection.positional and not self.padded and "bias" not in self.slots.tensors:
+            self._keep(self._positional_keep(n, target))
         else:
-            keep = self._scored_keep(n, target)
-        self.slots.keep(keep)
-        self.store.keep(keep)
+            plan = self.selection.plan(self.context(), target)
+            self._apply(plan, target)
         self.evictions += 1
         cap = self._capacity()
-        if cap is not None:
-            self.slots.shrink(cap)
-            self.store.shrink(cap)
+        if cap is None:  # a ratio: room for the next `step` tokens and 1/32 of slack
+            cap = self.slots.length + self.selection.step + self.slots.length // 32
+        self.slots.shrink(cap)
+        self.store.shrink(cap)
         self._prefill_free_slots(self.seen)
+
+    def _keep(self, keep: torch.Tensor) -> None:
+        self.slots.keep(keep)
+        self.store.apply(keep, positions=self.slots.view("positions"))
+
+    def _apply(self, plan: Plan, target: int) -> None:
+        """Apply ``plan`` to the slot table and the store, in one place."""
+        if plan.size > self.selection.kept_slots(target):
+            raise ValueError(
+                f"{self.selection.name}: its plan keeps {plan.size} slots; allowed: at most the target "
+                f"{self.selection.kept_slots(target)}"
+            )
+        simple = plan.keys is None and plan.bias is None and not plan.states and plan.added is None
+        if simple:
+            self._keep(plan.keep)
+            return
+        keep = plan.keep
+        b, h, k = keep.shape
+        t = self.slots.tensors
+        if (plan.bias is not None or (plan.added is not None and plan.added.bias is not None)) and "bias" not in t:
+            self.slots.add("bias", torch.zeros((), dtype=torch.float32))
+        d = self.info.head_dim
+        device = keep.device
+        changed = plan.changed
+        if plan.keys is not None and changed is None:
+            changed = torch.ones((b, h, k), dtype=torch.bool, device=device)
+        new_keys, new_values = plan.keys, plan.values
+        index = keep
+        updates: dict[str, torch.Tensor] = {}
+        if plan.bias is not None:
+            updates["bias"] = plan.bias.float()
+        for name, value in (plan.states or {}).items():
+            updates[name] = value
+        if plan.added is not None:
+            add = plan.added
+            a = add.keys.shape[2]
+            if new_keys is None:
+                new_keys = torch.zeros((b, h, k, d), dtype=add.keys.dtype, device=device)
+                new_values = torch.zeros((b, h, k, d), dtype=add.values.dtype, device=device)
+                changed = torch.zeros((b, h, k), dtype=torch.bool, device=device)
+            pos = torch.cat([t["positions"].gather(2, keep), add.positions.to(torch.int32)], dim=2)
+            order = pos.argsort(dim=-1, stable=True)
+            index = torch.cat([keep, torch.full((b, h, a), -1, dtype=keep.dtype, device=device)], 2).gather(2, order)
+            dk = order.unsqueeze(-1).expand(b, h, k + a, d)
+            new_keys = torch.cat([new_keys, add.keys.to(new_keys.dtype)], 2).gather(2, dk)
+            new_values = torch.cat([new_values, add.values.to(new_values.dtype)], 2).gather(2, dk)
+            changed = torch.cat([changed, torch.ones((b, h, a), dtype=torch.bool, device=device)], 2).gather(2, order)
+            fresh = {"positions": add.positions.to(torch.int32),
+                     "valid": torch.ones((b, h, a), dtype=torch.bool, device=device)}
+            if "bias" in t or add.bias is not None:
+                fresh["bias"] = add.bias.float() if add.bias is not None else torch.zeros((b, h, a), device=device)
+            for name, value in (add.states or {}).items():
+                fresh[name] = value
+            for name, value in fresh.items():  # the kept slots' current values, the added slots' new ones
+                kept = updates.get(name)
+                if kept is None:
+                    kept = t[name].gather(2, keep)
+                updates[name] = torch.cat([kept, value.to(t[name].dtype)], 2).gather(2, order)
+        self.slots.keep(index.clamp(min=0))
+        for name, value in updates.items():
+            self.slots.view(name).copy_(value.to(t[name].dtype))
+        self.store.apply(index, new_keys, new_values, changed, positions=self.slots.view("positions"))
 
     def _positional_keep(self, n: int, target: int) -> torch.Tensor:
         """Keep-indices of a recency policy with no padding: the same for every (batch, head)."""
@@ -210,20 +351,6 @@ class CompressedLayer(CacheLayerMixin):
         b, h = self.slots.tensors["valid"].shape[:2]
         return index.view(1, 1, -1).expand(b, h, -1)
 
-    def _scored_keep(self, n: int, target: int) -> torch.Tensor:
-        """Keep-indices from the policy's scores, protected tokens and padding."""
-        ctx = self.context()
-        scores = self.selection.score(ctx).float().nan_to_num(0.0, 1e30, -1e30)
-        valid = ctx.valid
-        protected = torch.zeros_like(valid)
-        if self.selection.sink:
-            rank = valid.to(torch.int32).cumsum(-1)
-            protected |= rank <= self.selection.sink
-        if self.selection.recent:
-            protected[..., max(n - self.selection.recent, 0):].fill_(True)
-        scores = scores.masked_fill(protected & valid, float("inf")).masked_fill(~valid, float("-inf"))
-        return scores.topk(min(target, n), dim=-1, sorted=False).indices.sort(dim=-1).values
-
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer holds: stored K/V (however represented), the slot table, cached indices."""
         if not self.is_initialized:
@@ -233,3 +360,10 @@ class CompressedLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds: stored K/V (however represented) and per-slot state."""
         return sum(t.numel() * t.element_size() for t in self.held_tensors())
+
+
+def _captured_inputs(layer_idx: int) -> dict:
+    """What the attention module of ``layer_idx`` received this step (hidden states, RoPE), if captured."""
+    from .model import captured
+
+    return captured(layer_idx)

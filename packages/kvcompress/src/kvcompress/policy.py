@@ -1,25 +1,29 @@
 """Policy base classes: what a plugin author subclasses.
 
-A policy is a small dataclass. Selection policies say which tokens to keep by
-scoring them; representation policies say how kept tokens are stored. The
-machinery (budgets, protected tokens, block eviction, gathering, attention
-observation, byte accounting) lives in the core, once.
+A policy is a small dataclass of parameters (configuration only). Selection policies say which tokens to
+keep, by scoring them (one method) or, for policies that merge, by planning; representation policies say
+how kept tokens are stored. Everything a policy learns about a model or keeps between steps lives in the
+per-layer state it returns from :meth:`SelectionPolicy.bind` (or in its store), never on the dataclass,
+so one spec can serve many caches and layers.
+
+This module imports neither torch nor transformers: listing and validating policies stays fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from .buffers import SlotBuffer
 from .params import check_known, param, validate
-from .store import KVStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .context import LayerInfo, ModelInfo, SlotContext
+    from .plan import Plan
+    from .store import KVStore
 
 
 @dataclass
@@ -51,63 +55,40 @@ class Policy:
                 parts.append(f"{f.name}={value}")
         return f"{self.name}({','.join(parts)})" if parts else self.name
 
-
-class SlotContext:
-    """What a selection policy sees of one layer when it scores or observes.
-
-    ``positions``, ``valid`` and each ``state[name]`` are ``[B, H_kv, S]`` over the stored slots, in
-    temporal order; ``keys`` and ``values`` are ``[B, H_kv, S, D]``. Each is made on first access, so a
-    decode step pays only for what the policy reads.
-    """
-
-    def __init__(self, layer_idx: int, seen: int, slots: SlotBuffer, store: KVStore,
-                 state_names: Iterable[str] = ()) -> None:
-        self.layer_idx = layer_idx
-        self.seen = seen
-        self._slots, self._store, self._state_names = slots, store, state_names
-
-    @cached_property
-    def positions(self) -> torch.Tensor:
-        """Absolute token position of each slot."""
-        return self._slots.view("positions")
-
-    @cached_property
-    def valid(self) -> torch.Tensor:
-        """False where a slot holds padding."""
-        return self._slots.view("valid")
-
-    @cached_property
-    def state(self) -> dict[str, torch.Tensor]:
-        """The policy's per-slot state (``slot_states``), as views: update them in place."""
-        return {name: self._slots.view(name) for name in self._state_names}
-
-    @cached_property
-    def _keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._store.keys_values()
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self._keys_values[0]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._keys_values[1]
+    def setup(self, model: ModelInfo) -> Any:
+        """Called once per cache, when the model is known: at ``make_cache(..., model=model)``, else at the
+        cache's first update (then ``model.config`` is ``None``). Load what every layer shares here (weights:
+        :func:`kvcompress.load_weights`, safetensors only). Returns what each layer's :class:`LayerInfo`
+        carries as ``shared``; the default returns ``None``."""
+        return None
 
 
 @dataclass
 class SelectionPolicy(Policy):
     """Decides which tokens each (batch, kv-head) keeps.
 
-    Subclasses implement :meth:`score` (higher = keep). If they set
-    ``needs_attention = True`` the core calls :meth:`observe` with the attention
-    weights of every query. Per-slot state (e.g. accumulated attention) is
-    declared in ``slot_states`` and is gathered with the kept tokens.
+    The one method to write is :meth:`score` (higher = kept). The core turns scores into a plan: it
+    protects the first ``sink`` and last ``recent`` tokens, pushes padding below everything, keeps the top
+    ``target`` per (batch, kv-head) and applies that to the whole slot table at once, every ``step`` tokens.
+
+    Optional, in the order the core calls them:
+
+    - :meth:`bind` once per layer: the layer's own mutable state (``ctx.bound`` later);
+    - :meth:`on_tokens` after every attention call of the layer: the step's new tokens have entered;
+    - :meth:`observe` with the attention weights, when ``needs_attention``;
+    - :meth:`plan` when an eviction is due: override it to merge evicted tokens instead of dropping them.
+
+    Class attributes: ``needs_attention`` (observe() gets attention weights), ``needs_hidden_states``
+    (``ctx.hidden_states`` holds the attention layer's input; needs ``make_cache(..., model=model)``),
+    ``positional`` (score() is recency, so the core may skip it), ``slot_states`` (per-slot state:
+    name -> dtype name such as ``"float32"``, gathered with the kept tokens, zero for new tokens).
     """
 
     kind: ClassVar[str] = "selection"
     needs_attention: ClassVar[bool] = False
-    positional: ClassVar[bool] = False  # True: score() is recency, so the core may skip scoring
-    slot_states: ClassVar[dict[str, torch.dtype]] = {}
+    needs_hidden_states: ClassVar[bool] = False
+    positional: ClassVar[bool] = False
+    slot_states: ClassVar[dict[str, str]] = {}
 
     budget: int = param(256, min=1, help="max tokens kept per (batch, kv-head)")
     ratio: float | None = param(None, min=0.0, min_exclusive=True, max=1.0,
@@ -115,6 +96,10 @@ class SelectionPolicy(Policy):
     sink: int = param(0, min=0, help="first tokens always kept")
     recent: int = param(0, min=0, help="last tokens always kept")
     step: int = param(1, min=1, help="evict every `step` tokens (amortises the gather)")
+    adaptive: float = param(1.0, min=1.0, max=8.0,
+                            help="per-head adaptive budgets (AdaKV): a layer's heads share heads x budget slots "
+                                 "by score, each keeping between budget/adaptive and budget*adaptive (the slots a "
+                                 "head does not use are masked and still held); 1: every head keeps budget")
 
     @classmethod
     def from_params(cls, **params: Any) -> Policy:
@@ -143,17 +128,22 @@ class SelectionPolicy(Policy):
             return max(math.ceil(self.ratio * seen), self.sink + self.recent, 1)
         return self.budget
 
-    def score(self, ctx: SlotContext) -> torch.Tensor:
-        """Importance ``[B, H_kv, S]`` of each stored slot; the top ones are kept."""
-        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+    def kept_slots(self, target: int) -> int:
+        """Slots a layer holds right after an eviction to ``target`` tokens (more than ``target`` only with
+        ``adaptive``: the heads' unused slots)."""
+        return math.ceil(target * self.adaptive) if self.adaptive > 1.0 else target
 
-    def accumulated_attention(self) -> tuple[str, str] | None:
-        """``(state, reduce)`` when :meth:`observe` only adds, into the float32 slot state ``state``, the
-        attention each slot receives, reduced over the G query heads of its kv head by ``reduce`` ("sum"
-        or "max") and summed over queries. The core may then do that inside one fused decode kernel
-        instead of calling :meth:`observe` (decode steps on a GPU with Triton). ``None``: always observe.
-        """
+    def bind(self, layer: LayerInfo) -> Any:
+        """Called once per layer, at its first update: return the layer's own state (counters, generators,
+        weights sliced for this layer, running statistics...). It is ``ctx.bound`` in every later call for
+        that layer; two layers, or two caches from one spec, never share it. The default returns ``None``."""
         return None
+
+    def on_tokens(self, ctx: SlotContext) -> None:
+        """Called after each attention call of a layer, before any eviction, with the step's ``ctx.new``
+        new tokens in the last slots; ``ctx.queries`` (and ``ctx.hidden_states`` if
+        ``needs_hidden_states``) are this step's. Write per-slot state for the new slots
+        (``ctx.state[name][..., -ctx.new:]``) or update ``ctx.bound``. Not overriding it costs nothing."""
 
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         """Called with attention weights ``[B, H_kv, G, q, S]`` (G query heads per kv head) when
@@ -163,15 +153,41 @@ class SelectionPolicy(Policy):
         as eager attention rounds them, so accumulate them with ``dtype=torch.float32`` where it matters.
         """
 
+    def accumulated_attention(self) -> tuple[str, ...] | None:
+        """``(state, reduce)`` when, for a decode step, :meth:`observe` only adds into the float32 slot state
+        ``state`` the attention each slot receives, reduced over the G query heads of its kv head by
+        ``reduce`` ("sum" or "max"); ``(state, reduce, "set")`` when it writes that instead of adding (the
+        latest query's attention). A store may then do that inside its decode kernel instead of the core
+        calling :meth:`observe` (decode steps on a GPU). ``None``: always observe.
+        """
+        return None
+
+    def score(self, ctx: SlotContext) -> torch.Tensor:
+        """Importance ``[B, H_kv, S]`` of each stored slot; the top ones are kept."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+
+    def plan(self, ctx: SlotContext, target: int) -> Plan:
+        """What an eviction does: by default keep the top ``target`` slots of :meth:`score` (with the
+        protected tokens and padding handled by ``ctx.select``). Override to merge: return a
+        :class:`kvcompress.Plan` with new contents and a per-slot bias for kept slots, or added slots
+        (:func:`kvcompress.merge_into` builds the common weighted-mean merge)."""
+        from .plan import Plan
+
+        if self.adaptive > 1.0:
+            keep, live = ctx.select_adaptive(self.score(ctx), target, self.adaptive)
+            return Plan(keep=keep, bias=live.float().log())  # the slots a head does not use: bias -inf
+        return Plan(keep=ctx.select(self.score(ctx), target))
+
 
 @dataclass
 class Representation(Policy):
     """Decides how kept tokens are stored (quantized, projected...)."""
 
     kind: ClassVar[str] = "representation"
+    needs_rope: ClassVar[bool] = False  # True: the store's Step carries the RoPE cos/sin (needs model=)
 
-    def make_store(self, layer_idx: int) -> KVStore:
-        """A fresh store for layer ``layer_idx``."""
+    def make_store(self, layer: LayerInfo) -> KVStore:
+        """A fresh store for one layer (``layer`` has its dims, device, dtype, RoPE and ``shared``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement make_store()")
 
 
@@ -185,3 +201,6 @@ class CachePolicy(Policy):
     def build(self, model: Any) -> Any:
         """A fresh cache for ``model`` (which may be ``None``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement build()")
+
+
+__all__ = ["CachePolicy", "Policy", "Representation", "SelectionPolicy", "param"]

@@ -3,18 +3,54 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import kernels
+from . import _kernels
 from .buffers import SlotBuffer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import LayerInfo
+
+
+@dataclass(frozen=True)
+class Step:
+    """What :meth:`KVStore.append` learns about the tokens it receives.
+
+    ``start``: absolute position of the first new token (positions run ``start .. start+q-1``).
+    ``cos``/``sin``: the RoPE the model applied to these keys, ``[B or 1, q, D]``, when the attention
+    layer received them (models with RoPE, caches made with ``model=``); else ``None``: use
+    ``LayerInfo.rope(positions)``. ``cap``: the most slots the layer will hold (``None``: unbounded).
+    """
+
+    start: int
+    cap: int | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    def positions(self, q: int, device: torch.device) -> torch.Tensor:
+        """The new tokens' positions ``[q]`` (int64)."""
+        return torch.arange(self.start, self.start + q, device=device)
+
+
+@dataclass(frozen=True)
+class Accumulate:
+    """Where a fused decode kernel adds each slot's attention: the float32 slot state ``into``
+    ``[B, H_kv, >= S]``, how the G query heads of a kv head combine (``reduce``: "sum" or "max"), and
+    whether the step's attention replaces what is there instead of adding to it (``replace``)."""
+
+    into: torch.Tensor
+    reduce: str
+    replace: bool = False
 
 
 class KVStore(ABC):
     """Storage of one layer's kept keys/values, in temporal order per (batch, kv-head).
 
-    A representation plugin (e.g. quantization) implements this; the core's
-    :class:`DenseStore` keeps them in the model's dtype.
+    A representation plugin (quantization, low rank) implements this; the core's :class:`DenseStore`
+    keeps them in the model's dtype. Slot ``i`` of the store is slot ``i`` of the layer's slot table.
     """
 
     @property
@@ -23,16 +59,25 @@ class KVStore(ABC):
         """Number of stored slots."""
 
     @abstractmethod
-    def append(self, keys: torch.Tensor, values: torch.Tensor, cap: int | None = None) -> None:
-        """Append ``[B, H, q, D]`` keys and values; ``cap`` is the capacity the layer will need at most."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, step: Step | None = None) -> None:
+        """Append ``[B, H, q, D]`` keys (after RoPE, as the model hands them over) and values; ``step``
+        (``None`` when a store is driven by hand: no RoPE known, no capacity bound) says what the layer knows."""
 
     @abstractmethod
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, H, length, D]`` for attention (decoded if stored otherwise)."""
+        """Keys (after RoPE) and values ``[B, H, length, D]`` for attention, decoded if stored otherwise."""
 
     @abstractmethod
+    def apply(self, index: torch.Tensor, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+              changed: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> None:
+        """Rebuild the store from a plan: new slot ``j`` holds old slot ``index[..., j]`` (``[B, H, N]``,
+        in the new temporal order), except where ``changed[..., j]`` (or ``index < 0``: an added slot),
+        where it holds ``keys``/``values[..., j, :]`` (``[B, H, N, D]``, after RoPE). ``positions``
+        ``[B, H, N]``: the new slots' positions (for a store that rotates keys itself)."""
+
     def keep(self, index: torch.Tensor) -> None:
         """Keep slots ``index`` (``[B, H, K]``, ascending per row)."""
+        self.apply(index)
 
     @abstractmethod
     def truncate(self, n: int) -> None:
@@ -57,10 +102,12 @@ class KVStore(ABC):
         """
         return None
 
-    def attend(
-        self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
-    ) -> torch.Tensor | None:
-        """Attention straight from the stored form (a fused kernel), or ``None`` to use ``keys_values``."""
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+               bias: torch.Tensor | None = None, accumulate: Accumulate | None = None) -> torch.Tensor | None:
+        """Attention of one query per head ``[B, Hq, 1, D]`` straight from the stored form, ``[B, 1, Hq, D]``,
+        adding ``bias`` ``[B, H_kv, S]`` (float32, or None) to each slot's score and, with ``accumulate``,
+        each slot's attention to ``accumulate.into``; or ``None`` to let the core attend over
+        :meth:`keys_values` (and observe there). A store must do all it is asked or nothing."""
         return None
 
     def nbytes(self) -> int:
@@ -69,28 +116,35 @@ class KVStore(ABC):
 
 
 class DenseStore(KVStore):
-    """Keys and values in the model's dtype, in preallocated buffers."""
+    """Keys and values in the model's dtype, in preallocated buffers written in place."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer: LayerInfo | None = None) -> None:
         self.buf = SlotBuffer()
 
     @property
     def length(self) -> int:
         return self.buf.length
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, cap: int | None = None) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, step: Step | None = None) -> None:
         buf, q = self.buf, keys.shape[2]
-        if buf.tensors and buf.length + q <= buf.capacity and kernels.append_pair(
+        if buf.tensors and buf.length + q <= buf.capacity and _kernels.append_pair(
                 buf.tensors["keys"], buf.tensors["values"], buf.length, keys, values):
             buf.length += q  # a decode step on the GPU: one launch writes both
             return
-        buf.append(cap=cap, keys=keys, values=values)
+        buf.append(cap=step.cap if step is not None else None, keys=keys, values=values)
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.buf.view("keys"), self.buf.view("values")
 
-    def keep(self, index: torch.Tensor) -> None:
-        self.buf.keep(index)
+    def apply(self, index, keys=None, values=None, changed=None, positions=None) -> None:
+        self.buf.keep(index.clamp(min=0) if keys is not None else index)
+        if keys is None:
+            return
+        write = (index < 0) if changed is None else (changed | (index < 0))
+        mask = write.unsqueeze(-1)
+        for name, new in (("keys", keys), ("values", values)):
+            view = self.buf.view(name)
+            view.copy_(torch.where(mask, new.to(view.dtype), view))
 
     def truncate(self, n: int) -> None:
         self.buf.truncate(n)
@@ -103,3 +157,11 @@ class DenseStore(KVStore):
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.buf.tensors.values())
+
+    def attend(self, query, attention_mask, scaling, bias=None, accumulate=None):
+        if bias is None and accumulate is None:
+            return None  # sdpa is as fast
+        buf = self.buf.tensors
+        acc = (accumulate.into, accumulate.reduce, accumulate.replace) if accumulate is not None else None
+        return _kernels.fused_decode(query, buf["keys"], buf["values"], self.buf.length, attention_mask,
+                                     scaling, bias, acc)

@@ -1,12 +1,15 @@
-"""A fused decode step for attention-observing policies (Triton; optional).
+"""The core's private Triton kernels and launch machinery (optional: without Triton, torch ops).
 
 A decode step of a policy such as H2O needs the attention output *and* the attention
-every stored slot received. Done with torch ops that is five or six kernel launches
-per layer where sdpa is one, and a decode step is bound by the host's launches. This
-kernel does both in one launch: one program per (batch row, kv head) attends the G
-query heads of that kv head over the stored slots (online softmax), writes the output,
-then adds each slot's attention, reduced over the G heads (sum or max), to the
-policy's float32 slot state. Without Triton, or off the GPU, the core uses torch ops.
+every stored slot received; a merging policy needs a per-slot bias on the scores. Done with
+torch ops that is five or six kernel launches per layer where sdpa is one, and a decode step
+is bound by the host's launches. :func:`fused_decode` does it in one launch: one program per
+(batch row, kv head) attends the G query heads of that kv head over the stored slots (online
+softmax) with the per-slot bias, writes the output, then (observing) adds each slot's attention,
+reduced over the G heads (sum or max), to the policy's float32 slot state.
+
+Plugins' kernels (quant) use :func:`launch`, :func:`kernel_mask`, :func:`mask_bias`,
+:func:`slot_bias` and :func:`online_softmax_step` from here; none of this is public API.
 """
 
 from __future__ import annotations
@@ -49,6 +52,15 @@ if AVAILABLE:
         return valid, bias
 
     @triton.jit
+    def slot_bias(BIAS, bh, slot, valid, stride_bh, HAS_BIAS: tl.constexpr):
+        """The per-slot attention bias of slots ``slot`` of (batch row, kv head) ``bh``, in log2 units (to add
+        to scores already in log2 units); zero without a bias. ``BIAS`` is ``[B * H_kv, >= S]`` float32 with
+        row stride ``stride_bh``."""
+        if HAS_BIAS:
+            return tl.load(BIAS + bh * stride_bh + slot, mask=valid, other=0.0) * 1.4426950408889634
+        return tl.zeros(slot.shape, tl.float32)
+
+    @triton.jit
     def online_softmax_step(s, m_i):
         """One tile of online softmax over scores ``s`` ``[rows, tile]`` in log2 units (``-inf`` where not
         attended), given the running row max ``m_i``: ``(p, alpha, m_new)``, with ``p = 2**(s - m_new)``
@@ -60,8 +72,8 @@ if AVAILABLE:
         return tl.exp2(s - m_safe[:, None]), alpha, m_new
 
     @triton.jit
-    def _scores(q, K, kbase, tok, valid, offs_d, M, b, stride_mb, stride_ms, qk_scale, D: tl.constexpr,
-                MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr):
+    def _scores(q, K, kbase, tok, valid, offs_d, M, b, stride_mb, stride_ms, qk_scale, BIAS, bh, stride_bias,
+                D: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr):
         """Scaled scores (log2 units) of one tile of slots, ``-inf`` where not attended; and the tile mask."""
         k = tl.load(K + kbase + tok[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
         if DOT_F32:
@@ -72,14 +84,17 @@ if AVAILABLE:
         valid, bias = mask_bias(M, b, tok, valid, stride_mb, stride_ms, MASK_KIND)
         if MASK_KIND == 2:
             s = s + bias[None, :]
+        if HAS_BIAS:
+            s = s + slot_bias(BIAS, bh, tok, valid, stride_bias, HAS_BIAS)[None, :]
         return tl.where(valid[None, :], s, float("-inf")), valid
 
-    @triton.jit(do_not_specialize=["n", "cap", "acap", "stride_mb", "stride_ms"],
-                do_not_specialize_on_alignment=["Q", "M"])
+    @triton.jit(do_not_specialize=["n", "cap", "acap", "stride_mb", "stride_ms", "stride_bias"],
+                do_not_specialize_on_alignment=["Q", "M", "BIAS"])
     def _observed_decode_kernel(
-        Q, K, V, M, ACC, OUT, n, cap, acap, qk_scale, stride_mb, stride_ms,
+        Q, K, V, M, ACC, OUT, BIAS, n, cap, acap, qk_scale, stride_mb, stride_ms, stride_bias,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        MASK_KIND: tl.constexpr, REDUCE_MAX: tl.constexpr, DOT_F32: tl.constexpr,
+        MASK_KIND: tl.constexpr, REDUCE_MAX: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr,
+        OBSERVE: tl.constexpr, REPLACE: tl.constexpr,
     ):
         bh = tl.program_id(0).to(tl.int64)
         b = bh // HKV
@@ -94,8 +109,8 @@ if AVAILABLE:
         acc = tl.zeros([BLOCK_H, D], tl.float32)
         for n0 in range(0, n, BLOCK_N):  # pass 1: the output, flash-attention style
             tok = n0 + offs_n
-            s, valid = _scores(q, K, kbase, tok, tok < n, offs_d, M, b, stride_mb, stride_ms, qk_scale, D,
-                               MASK_KIND, DOT_F32)
+            s, valid = _scores(q, K, kbase, tok, tok < n, offs_d, M, b, stride_mb, stride_ms, qk_scale, BIAS,
+                               bh, stride_bias, D, MASK_KIND, DOT_F32, HAS_BIAS)
             p, alpha, m_new = online_softmax_step(s, m_i)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + kbase + tok[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -108,17 +123,21 @@ if AVAILABLE:
         out = acc / l_safe[:, None]
         tl.store(OUT + (bh * G + offs_h)[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=hmask[:, None])
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        for n0 in range(0, n, BLOCK_N):  # pass 2: each slot's attention, reduced over the G heads
-            tok = n0 + offs_n
-            s, valid = _scores(q, K, kbase, tok, tok < n, offs_d, M, b, stride_mb, stride_ms, qk_scale, D,
-                               MASK_KIND, DOT_F32)
-            p = tl.exp2(s - m_safe[:, None]) / l_safe[:, None]
-            p = tl.where(hmask[:, None], p, 0.0)
-            col = tl.max(p, 0) if REDUCE_MAX else tl.sum(p, 0)
-            aptr = ACC + bh * acap + tok
-            live = tok < n
-            tl.store(aptr, tl.load(aptr, mask=live, other=0.0) + col, mask=live)
+        if OBSERVE:
+            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+            for n0 in range(0, n, BLOCK_N):  # pass 2: each slot's attention, reduced over the G heads
+                tok = n0 + offs_n
+                s, valid = _scores(q, K, kbase, tok, tok < n, offs_d, M, b, stride_mb, stride_ms, qk_scale,
+                                   BIAS, bh, stride_bias, D, MASK_KIND, DOT_F32, HAS_BIAS)
+                p = tl.exp2(s - m_safe[:, None]) / l_safe[:, None]
+                p = tl.where(hmask[:, None], p, 0.0)
+                col = tl.max(p, 0) if REDUCE_MAX else tl.sum(p, 0)
+                aptr = ACC + bh * acap + tok
+                live = tok < n
+                if REPLACE:
+                    tl.store(aptr, col, mask=live)
+                else:
+                    tl.store(aptr, tl.load(aptr, mask=live, other=0.0) + col, mask=live)
 
     @triton.jit(do_not_specialize=["at", "cap", "q", "heads", "stride_b", "stride_h", "stride_t"],
                 do_not_specialize_on_alignment=["SK", "SV"])
@@ -159,21 +178,30 @@ def append_pair(keys: torch.Tensor, values: torch.Tensor, at: int, new_keys: tor
     return True
 
 
-def observed_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
-                    attention_mask: torch.Tensor | None, scaling: float, acc: torch.Tensor, reduce: str
-                    ) -> torch.Tensor | None:
+def fused_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
+                 attention_mask: torch.Tensor | None, scaling: float, bias: torch.Tensor | None = None,
+                 accumulate: tuple | None = None) -> torch.Tensor | None:
     """Decode attention of ``query`` ``[B, Hq, 1, D]`` over the first ``n`` slots of the contiguous
-    buffers ``keys``/``values`` ``[B, H_kv, cap, D]``; adds each slot's attention, reduced over the
-    query heads of its kv head by ``reduce`` ("sum" or "max"), into ``acc`` ``[B, H_kv, >= n]`` (float32).
+    buffers ``keys``/``values`` ``[B, H_kv, cap, D]``, plus the per-slot ``bias`` ``[B, H_kv, >= n]``
+    (float32, or None); with ``accumulate = (acc, reduce[, replace])`` adds each slot's attention, reduced
+    over the query heads of its kv head by ``reduce`` ("sum" or "max"), into ``acc`` ``[B, H_kv, >= n]``
+    (float32), or writes it there with ``replace``.
 
     Returns the output ``[B, 1, Hq, D]``, or ``None`` where the kernel does not apply (the caller
     then uses torch ops).
     """
     b, hq, q, d = query.shape
     hkv, cap = keys.shape[1], keys.shape[2]
-    if (not AVAILABLE or (query.device.type != "cuda" and not INTERPRET) or q != 1 or hq % hkv or d & (d - 1) or d < 16
-            or not (keys.is_contiguous() and values.is_contiguous() and acc.is_contiguous())
-            or acc.dtype != torch.float32 or keys.dtype != query.dtype or reduce not in ("sum", "max")):
+    acc, reduce, replace = (*accumulate, False)[:3] if accumulate is not None else (None, "sum", False)
+    if (not (AVAILABLE and ENABLED) or (query.device.type != "cuda" and not INTERPRET) or q != 1 or hq % hkv
+            or d & (d - 1) or d < 16 or not (keys.is_contiguous() and values.is_contiguous())
+            or keys.dtype != query.dtype
+            or reduce not in ("sum", "max")):
+        return None
+    if acc is not None and not (acc.is_contiguous() and acc.dtype == torch.float32):
+        return None
+    if bias is not None and not (bias.dtype == torch.float32 and bias.stride(-1) == 1
+                                 and bias.stride(0) == hkv * bias.stride(1)):
         return None
     decode_mask = kernel_mask(attention_mask, n, query)
     if decode_mask is None:
@@ -184,12 +212,21 @@ def observed_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     g = hq // hkv
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
     consts = dict(HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=BLOCK_N,
-                  MASK_KIND=mask_kind, REDUCE_MAX=reduce == "max", DOT_F32=query.dtype == torch.float32)
+                  MASK_KIND=mask_kind, REDUCE_MAX=reduce == "max", DOT_F32=query.dtype == torch.float32,
+                  HAS_BIAS=bias is not None, OBSERVE=acc is not None, REPLACE=bool(replace))
     key = (query.device, query.dtype, mask.dtype, *consts.values())
     launch(_observed_decode_kernel, (b * hkv,), key,
-           (query, keys, values, mask, acc, out, n, cap, acc.shape[2], scaling * LOG2E, smb, sms), consts,
-           num_warps=NUM_WARPS)
+           (query, keys, values, mask, acc if acc is not None else out, out, bias if bias is not None else out,
+            n, cap, acc.shape[2] if acc is not None else 0, scaling * LOG2E, smb, sms,
+            bias.stride(1) if bias is not None else 0), consts, num_warps=NUM_WARPS)
     return out
+
+
+def observed_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
+                    attention_mask: torch.Tensor | None, scaling: float, acc: torch.Tensor, reduce: str
+                    ) -> torch.Tensor | None:
+    """:func:`fused_decode` accumulating into ``acc`` with no bias."""
+    return fused_decode(query, keys, values, n, attention_mask, scaling, None, (acc, reduce))
 
 
 def kernel_mask(attention_mask: torch.Tensor | None, n: int, dummy: torch.Tensor
