@@ -82,7 +82,7 @@ def test_docs_page_keeps_what_is_outside_the_markers(tmp_path):
     report(str(tmp_path / "quality-smollm2.jsonl"), docs=str(page))
     text = page.read_text()
     assert "hand-written intro" in text and "## GPU, awaiting rerun" in text and "old numbers" not in text
-    assert "## quality-smollm2" in text and "kvcompress run --grid benchmarks/quality-smollm2.toml" in text
+    assert "## quality-smollm2" in text and "Made by `kvcompress run --grid benchmarks/quality-smollm2.toml`" in text
     assert "Device: CPU x86_64 (2 cores). Date: 2026-" in text and "### perplexity" in text
 
 
