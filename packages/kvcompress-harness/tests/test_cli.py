@@ -153,8 +153,6 @@ def _heavy_after(argv: list[str]) -> str:
     return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True).stdout
 
 
-@pytest.mark.xfail(strict=False, reason="the core (import kvcompress) and the policy plugins import torch at "
-                                        "import time until the core's torch-free import lands")
 @pytest.mark.parametrize("argv", [["list"], ["run", "--policy", "nosuch(budget=8)", "--task", "perplexity"]],
                          ids=["list", "spec-error"])
 def test_list_and_spec_errors_import_neither_torch_nor_transformers(argv):
