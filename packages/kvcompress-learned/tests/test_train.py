@@ -106,3 +106,19 @@ def test_python_dash_m_reaches_the_same_command():
     out = subprocess.run([sys.executable, "-m", "kvcompress_learned", "train", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "--label {future,h2o}" in out and "--tokens" in out and "--seed" in out
+
+
+def test_also_fits_the_other_label_from_the_same_collection(tiny_dir, tmp_path, capsys):
+    """--also h2o FILE: one collection, two files; each equals the file its own run writes."""
+    data = tmp_path / "text.txt"
+    data.write_text(short_text(), encoding="utf-8")
+    both = tmp_path / "future.safetensors", tmp_path / "h2o.safetensors"
+    assert run_train(tiny_dir, data, both[0], "--also", "h2o", str(both[1])) == 0
+    assert capsys.readouterr().out.count("wrote") == 2
+    alone = tmp_path / "h2o-alone.safetensors"
+    assert run_train(tiny_dir, data, alone, "--label", "h2o") == 0
+    (f, fmeta), (h, hmeta), (a, ameta) = (kvcompress.load_weights(p) for p in (*both, alone))
+    assert fmeta["label"] == "future" and hmeta["label"] == "h2o" and hmeta == ameta
+    assert all(torch.equal(h[k], a[k]) for k in a) and not torch.equal(f["w1"], h["w1"])
+    assert run_train(tiny_dir, data, both[0], "--also", "other", str(both[1])) == 2
+    assert "parameter 'also' is 'other'; allowed: future, h2o" in capsys.readouterr().err

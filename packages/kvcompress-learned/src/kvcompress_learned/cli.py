@@ -44,11 +44,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, args.device)
     done = train(model, tokenizer, args.data, args.out, label=args.label, tokens=args.tokens, seed=args.seed,
                  horizon=args.horizon, units=args.units, epochs=args.epochs, seq_len=args.seq_len,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, also=tuple(args.also) if args.also else None)
     cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start
-    print(f"wrote {done.path} ({done.path.stat().st_size} bytes; label {args.label}; "
-          f"validation rank correlation "
-          f"{done.metadata['val_spearman']}; {cpu:.0f} s CPU time, {wall:.0f} s wall)")
+    for file in (done, done.also):
+        if file is not None:
+            print(f"wrote {file.path} ({file.path.stat().st_size} bytes; label {file.metadata['label']}; "
+                  f"validation rank correlation {file.metadata['val_spearman']})")
+    print(f"{cpu:.0f} s CPU time, {wall:.0f} s wall")
     return 0
 
 
@@ -77,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="the weights file to write (.safetensors)")
     t.add_argument("--label", choices=("future", "h2o"), default=DEFAULTS["label"],
                    help="what the scorer predicts (default %(default)s)")
+    t.add_argument("--also", nargs=2, metavar=("LABEL", "OUT"),
+                   help="also fit LABEL's scorer from the same collected attention and write it to OUT")
     t.add_argument("--tokens", type=int, default=DEFAULTS["tokens"],
                    help="training tokens (default %(default)s)")
     t.add_argument("--seed", type=int, default=DEFAULTS["seed"])

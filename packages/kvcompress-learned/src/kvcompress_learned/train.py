@@ -24,7 +24,7 @@ import torch
 
 from .labels import LABELS
 
-DEFAULTS = {"label": "future", "tokens": 32768, "seed": 0, "horizon": 1024, "units": 16, "epochs": 8,
+DEFAULTS = {"label": "future", "tokens": 16384, "seed": 0, "horizon": 1024, "units": 16, "epochs": 8,
             "seq_len": 2048}
 EPS = {"future": 1e-3, "h2o": 1e-6}
 HALF_PRECISION = ("w1", "w2")  # the big matrices are stored in float16: the file stays small
@@ -36,6 +36,7 @@ class Trained:
 
     path: Path
     metadata: dict[str, str]
+    also: Trained | None = None  # the file of train(also=...)
 
 
 def targets(sums: torch.Tensor, counts: torch.Tensor, label: str, horizon: int
@@ -55,9 +56,9 @@ def binned_targets(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tens
     return (sums / counts.clamp(min=1).float() + EPS["future"]).log(), counts >= 1
 
 
-def collect_spec(label: str, horizon: int) -> dict[str, tuple[str, int, bool]]:
+def collect_spec(labels: tuple[str, ...], horizon: int) -> dict[str, tuple[str, int, bool]]:
     """The label sums a training run collects: the binned future attention always (the age curve needs it)."""
-    return {"future": ("future", horizon, True), **({"h2o": ("h2o", 0, False)} if label == "h2o" else {})}
+    return {"future": ("future", horizon, True), **({"h2o": ("h2o", 0, False)} if "h2o" in labels else {})}
 
 
 def fit_scorer(got: Any, label: str, horizon: int, units: int, epochs: int, seed: int, progress: bool = True
@@ -87,9 +88,12 @@ def fit_scorer(got: Any, label: str, horizon: int, units: int, epochs: int, seed
 def train(model: Any, tokenizer: Any, data: str | Path, out: str | Path, label: str = DEFAULTS["label"],
           tokens: int = DEFAULTS["tokens"], seed: int = DEFAULTS["seed"], horizon: int = DEFAULTS["horizon"],
           units: int = DEFAULTS["units"], epochs: int = DEFAULTS["epochs"],
-          seq_len: int = DEFAULTS["seq_len"], progress: bool = True) -> Trained:
+          seq_len: int = DEFAULTS["seq_len"], progress: bool = True,
+          also: tuple[str, str | Path] | None = None) -> Trained:
     """Train ``model``'s scorer on the first half of the text file ``data`` (by article) and write it to
-    ``out`` (``.safetensors``). Deterministic for a given ``seed`` on one machine and thread count."""
+    ``out`` (``.safetensors``). Deterministic for a given ``seed`` on one machine and thread count.
+    ``also=(label, path)``: fit a scorer for a second label from the same collected attention and write it
+    to ``path`` too (to compare labels at the cost of one collection)."""
     import transformers
 
     import kvcompress
@@ -100,14 +104,17 @@ def train(model: Any, tokenizer: Any, data: str | Path, out: str | Path, label: 
     from .scorer import FORMAT
     from .text import half
 
-    if label not in LABELS:
-        raise ValueError(f"train: parameter 'label' is {label!r}; allowed: {', '.join(LABELS)}")
+    runs = [(label, out), *([also] if also else [])]
+    for name, (which, path) in zip(("label", "also"), runs, strict=False):
+        if which not in LABELS:
+            raise ValueError(f"train: parameter {name!r} is {which!r}; allowed: {', '.join(LABELS)}")
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"train: parameter {'out' if name == 'label' else 'also'!r} is {str(path)!r}; "
+                             "allowed: a path ending in .safetensors")
     for name, value, low in (("tokens", tokens, 16), ("horizon", horizon, 1), ("units", units, 0),
                              ("epochs", epochs, 1), ("seq_len", seq_len, 16)):
         if value < low:
             raise ValueError(f"train: parameter {name!r} is {value}; allowed: an integer >= {low}")
-    if not str(out).endswith(".safetensors"):
-        raise ValueError(f"train: parameter 'out' is {str(out)!r}; allowed: a path ending in .safetensors")
     torch.manual_seed(seed)
     text = half(data, "first")
     ids = tokenizer(text.text, add_special_tokens=False, return_tensors="pt").input_ids[0][:tokens]
@@ -115,16 +122,23 @@ def train(model: Any, tokenizer: Any, data: str | Path, out: str | Path, label: 
         raise ValueError(f"train: parameter 'data': the first half of {str(data)!r} has {ids.numel()} "
                          "tokens; "
                          "allowed: at least 16")
-    got = collect(model.eval(), ids, seq_len, collect_spec(label, horizon), progress=progress)
-    tensors, fitted = fit_scorer(got, label, horizon, units, epochs, seed, progress)
+    got = collect(model.eval(), ids, seq_len, collect_spec(tuple(w for w, _ in runs), horizon),
+                  progress=progress)
     info = kvcompress.ModelInfo.from_model(model)
-    metadata = {
-        "format": FORMAT, **model_dims(info), "model": str(info.name or ""), "features": "attention input",
-        "label": label, "horizon": str(horizon), "relative": str(label == "future").lower(),
-        "units": str(units),
-        "epochs": str(epochs), "tokens": str(ids.numel()), "seq_len": str(seq_len), "seed": str(seed),
-        "training_text": text.describe(), **fitted, "version": f"kvcompress-learned {__version__}",
-        "trained_with": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                        f"python {platform.python_version()}",
-    }
-    return Trained(kvcompress.save_weights(out, tensors, metadata), metadata)
+    written = []
+    for which, path in runs:
+        tensors, fitted = fit_scorer(got, which, horizon, units, epochs, seed, progress)
+        metadata = {
+            "format": FORMAT, **model_dims(info), "model": str(info.name or ""),
+            "features": "attention input",
+            "label": which, "horizon": str(horizon), "relative": str(which == "future").lower(),
+            "units": str(units), "epochs": str(epochs), "tokens": str(ids.numel()), "seq_len": str(seq_len),
+            "seed": str(seed), "training_text": text.describe(), **fitted,
+            "version": f"kvcompress-learned {__version__}",
+            "trained_with": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                            f"python {platform.python_version()}",
+        }
+        written.append(Trained(kvcompress.save_weights(path, tensors, metadata), metadata))
+    if also is not None:
+        written[0].also = written[1]
+    return written[0]
