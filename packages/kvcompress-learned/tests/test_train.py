@@ -61,7 +61,7 @@ def test_train_writes_a_scorer_the_policy_loads_and_uses(tiny_dir, tmp_path, cap
     tensors, meta = kvcompress.load_weights(out)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
         "w1": (2, 64, 8), "b1": (2, 8), "w2": (2, 8, 2), "b2": (2, 2), "age": (2, 2, 20)}
-    assert meta["label"] == "future" and meta["horizon"] == "16"
+    assert meta["label"] == "h2o" and meta["horizon"] == "16"
     assert meta["architecture"] == "LlamaForCausalLM"
     assert meta["training_text"].startswith("text.txt (first half by article: 3 articles")
     assert meta["version"].startswith("kvcompress-learned ") and meta["seed"] == "0"
@@ -109,16 +109,16 @@ def test_python_dash_m_reaches_the_same_command():
 
 
 def test_also_fits_the_other_label_from_the_same_collection(tiny_dir, tmp_path, capsys):
-    """--also h2o FILE: one collection, two files; each equals the file its own run writes."""
+    """--also future FILE: one collection, two files; each equals the file its own run writes."""
     data = tmp_path / "text.txt"
     data.write_text(short_text(), encoding="utf-8")
-    both = tmp_path / "future.safetensors", tmp_path / "h2o.safetensors"
-    assert run_train(tiny_dir, data, both[0], "--also", "h2o", str(both[1])) == 0
+    both = tmp_path / "h2o.safetensors", tmp_path / "future.safetensors"
+    assert run_train(tiny_dir, data, both[0], "--also", "future", str(both[1])) == 0
     assert capsys.readouterr().out.count("wrote") == 2
-    alone = tmp_path / "h2o-alone.safetensors"
-    assert run_train(tiny_dir, data, alone, "--label", "h2o") == 0
-    (f, fmeta), (h, hmeta), (a, ameta) = (kvcompress.load_weights(p) for p in (*both, alone))
-    assert fmeta["label"] == "future" and hmeta["label"] == "h2o" and hmeta == ameta
-    assert all(torch.equal(h[k], a[k]) for k in a) and not torch.equal(f["w1"], h["w1"])
+    alone = tmp_path / "future-alone.safetensors"
+    assert run_train(tiny_dir, data, alone, "--label", "future") == 0
+    (h, hmeta), (f, fmeta), (a, ameta) = (kvcompress.load_weights(p) for p in (*both, alone))
+    assert hmeta["label"] == "h2o" and fmeta["label"] == "future" and fmeta == ameta
+    assert all(torch.equal(f[k], a[k]) for k in a) and not torch.equal(f["w1"], h["w1"])
     assert run_train(tiny_dir, data, both[0], "--also", "other", str(both[1])) == 2
     assert "parameter 'also' is 'other'; allowed: future, h2o" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``learned``: a tiny trained MLP scores each token once, when it enters the cache.
 
 Per layer, the scorer maps the attention layer's input hidden state of each new token to one score per kv
-head (trained to predict the attention that token will receive from the queries after it). The score is
+head (trained on an attention-derived label: the shipped SmolLM2 scorer on H2O's accumulated attention,
+or the attention a token receives from the next queries: ``kvcompress-learned train --label``). The score is
 stored as per-slot state; an eviction keeps the highest scores plus the ``sink`` first and ``recent`` last
 tokens. No attention weights are needed, so attention stays plain sdpa or a fused kernel.
 

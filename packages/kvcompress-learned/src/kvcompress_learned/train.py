@@ -24,7 +24,7 @@ import torch
 
 from .labels import LABELS
 
-DEFAULTS = {"label": "future", "tokens": 16384, "seed": 0, "horizon": 1024, "units": 16, "epochs": 8,
+DEFAULTS = {"label": "h2o", "tokens": 16384, "seed": 0, "horizon": 1024, "units": 16, "epochs": 8,
             "seq_len": 2048}
 EPS = {"future": 1e-3, "h2o": 1e-6}
 HALF_PRECISION = ("w1", "w2")  # the big matrices are stored in float16: the file stays small
