@@ -143,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", action="append", help="policy spec, e.g. 'sink(budget=128)'; repeatable")
     r.add_argument("--task", action="append", help="task name; repeatable")
     r.add_argument("--model", default=None,
-                   help="HF id, local dir, .gguf file, or random:NAME[?layers=N] (llama-3-8b, qwen2.5-7b, "
+                   help="HF id, local dir, .gguf file, or random:NAME[?layers=N] (llama-3-8b, llama-3-70b, qwen2.5-7b, "
                         "mistral-7b, smollm2-135m; random weights, speed only); default: SmolLM2-135M")
     r.add_argument("--length", type=int, nargs="+", help="lengths in tokens (default: each task's)")
     r.add_argument("--batch", type=int, nargs="+", help="batch sizes for speed (default 1)")
