@@ -61,3 +61,12 @@ def test_a_torn_shard_line_is_skipped(tmp_path):
     with pytest.warns(UserWarning, match="not complete JSON"):
         merged = merge(out)
     assert [r["policy"] for r in merged] == ["full"] and len(read_records(out)) == 1
+
+
+def test_records_sent_to_rank_0_are_merged_once_even_when_a_shard_is_not_visible(tmp_path):
+    out = tmp_path / "r.jsonl"
+    mine, theirs = _record("full", 8, started=1.0), _record("sink", 8, started=2.0)
+    append_record(shard_path(out, 0), mine)  # rank 1's shard was written on a disk rank 0 does not see
+    merged = merge(out, sent=[mine, theirs])
+    assert [r["policy"] for r in merged] == ["full", "sink"] and len(read_records(out)) == 2
+    assert merge(out, sent=[mine, theirs]) == [] and len(read_records(out)) == 2

@@ -84,11 +84,13 @@ class Group:
                                f"environment says {rank.rank} of {rank.world}; allowed: one process group per job")
         self.coord = dist.new_group(backend="gloo", timeout=WAIT)
 
-    def barrier(self) -> None:
-        """Wait until every rank gets here."""
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value``, by rank, on rank 0 (None elsewhere); returns once every rank sent its own."""
         import torch.distributed as dist
 
-        dist.barrier(group=self.coord)
+        box: list[Any] | None = [None] * self.rank.world if self.rank.leader else None
+        dist.gather_object(value, box, dst=0, group=self.coord)
+        return box
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (pickled through gloo)."""

@@ -465,8 +465,8 @@ def _run(config: RunConfig, loaded: LoadedModel | None, tasks: dict[str, Any], p
     runner.done = group.broadcast(finished(shards.all_records(config.out)) if group.rank.leader else None)
     records = runner.run(runner.mine(groups))
     say(f"finished my cells ({len(records)}); waiting for the other ranks")
-    group.barrier()
+    sent = group.gather(records)  # every rank's records reach rank 0, whatever its filesystem shows
     if group.rank.leader:
-        records = shards.merge(config.out, runner.order(groups))
+        records = shards.merge(config.out, runner.order(groups), sent=[r for rs in sent or [] for r in rs])
         say(f"merged {len(records)} record(s) of {group.rank.world} rank(s) into {config.out}")
     return records

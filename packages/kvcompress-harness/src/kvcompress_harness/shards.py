@@ -2,9 +2,9 @@
 
 Rank ``K`` appends its finished cells to ``<out>.shards/rank-K.jsonl`` with the same writer as a single
 process (``append_record``: one ``os.write`` on an O_APPEND descriptor, then fsync), so a killed rank loses at
-most the cell it was running. When every rank is done, rank 0 appends the shards' records to ``<out>`` in the
-grid's order (a new file written beside it, fsynced and renamed over it: never half-written) and removes the
-shards. A run that was killed before that merge leaves the shards: the next run, sharded or not, counts their
+most the cell it was running. When every rank is done, each sends its records to rank 0 (through gloo), and
+rank 0 appends the shards' records and the ones sent to ``<out>`` in the grid's order (a new file written
+beside it, fsynced and renamed over it: never half-written) and removes the shards. A run that was killed before that merge leaves the shards: the next run, sharded or not, counts their
 cells as finished and merges them when it ends. The merge is idempotent: a record already in ``<out>`` (same
 run, cell and start time) is not appended twice.
 """
@@ -51,20 +51,22 @@ def all_records(out: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def merge(out: str | os.PathLike, order: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
+def merge(out: str | os.PathLike, order: Callable[[dict[str, Any]], Any] | None = None,
+          sent: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Append the shards' records that ``out`` lacks to ``out`` (sorted by ``order``, stably, from the shards'
-    own order), atomically; remove the shard files; return the records appended."""
+    own order), atomically; remove the shard files; return the records appended. ``sent``: the records the
+    ranks sent rank 0 at the end (each is on its shard too; a shard another node wrote may show late on a
+    network filesystem, and a record sent is then merged all the same)."""
     files = shard_files(out)
-    if not files:
+    if not files and not sent:
         return []
     out = Path(out)
     have = {_identity(r) for r in read_records(out)}
     new: list[dict[str, Any]] = []
-    for f in files:
-        for r in read_records(f):
-            if _identity(r) not in have:
-                have.add(_identity(r))
-                new.append(r)
+    for r in [r for f in files for r in read_records(f)] + list(sent or []):
+        if _identity(r) not in have:
+            have.add(_identity(r))
+            new.append(r)
     if order is not None:
         new.sort(key=lambda r: (order(r), r.get("started_at") or 0))
     if new:
