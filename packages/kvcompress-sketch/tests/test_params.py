@@ -12,7 +12,7 @@ def test_registered_through_entry_points():
     info = {p.name: p for p in kvcompress.list_policies()}["sketch"]
     assert info.distribution == "kvcompress-sketch" and info.kind == "selection"
     assert info.params["strategy"] == "topk" and info.params["width"] == 1 and info.params["depth"] == 1
-    assert info.params["sink"] == 4 and info.params["recent"] == 64 and info.params["step"] == 16
+    assert info.params["sink"] == 4 and info.params["recent"] == 64 and info.params["step"] == 32
 
 
 def test_spec_round_trip():
@@ -41,8 +41,7 @@ def test_needs_no_model_to_build():  # no attention weights, no hidden states: a
     ("sketch(width=2.5)", ["'width'", "2.5", "int"]),
     ("sketch(strategy=aggregate,buckets=12)", ["'buckets'", "12", "a power of two"]),
     ("sketch(strategy=aggregate,buckets=0)", ["'buckets'", "0", ">= 1"]),
-    ("sketch(budget=64,strategy=aggregate,buckets=16)", ["'budget'", "64", "sink + recent + buckets",
-                                                         "4 + 64 + 16 = 84"]),
+    ("sketch(budget=70,strategy=aggregate)", ["'budget'", "70", "sink + recent + buckets", "4 + 64 + 4 = 72"]),
     ("sketch(budget=32)", ["'budget'", "32", ">= sink + recent", "4 + 64 = 68"]),
     ("sketch(budget=64,ratio=0.25)", ["'budget' (64)", "'ratio' (0.25)", "not both"]),
     ("sketch(hash=simhash)", ["unknown parameter 'hash'", "width", "depth"]),

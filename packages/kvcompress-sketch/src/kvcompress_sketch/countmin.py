@@ -46,10 +46,16 @@ class CountMin:
         (``[..., m, extra]``) to the counters' vectors: one one-hot matmul per chunk of items."""
         m = items.shape[-1]
         flat_items = items.reshape(-1, m)
+        table = self.table.view(-1, *self.table.shape[-2:])
+        if self.width == 1:  # one counter per row: every item lands on it, no hashing needed
+            w = weights.reshape(-1, 1, m).float()
+            table[..., 0] += w.sum(-1)
+            if vectors is not None:
+                table[..., 1:] += w @ vectors.reshape(-1, m, vectors.shape[-1]).float()
+            return
         values = weights.reshape(-1, m, 1).float()
         if vectors is not None:
             values = torch.cat([values, vectors.reshape(-1, m, vectors.shape[-1]).float() * values], -1)
-        table = self.table.view(-1, *self.table.shape[-2:])
         counters = self.depth * self.width
         step = max(1, CHUNK_ELEMENTS // (flat_items.shape[0] * counters))
         for start in range(0, m, step):

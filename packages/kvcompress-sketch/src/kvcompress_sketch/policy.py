@@ -33,7 +33,7 @@ class Sketch(SelectionPolicy):
     budget: int = param(256, min=1, help="max tokens kept per (batch, kv-head)")
     sink: int = param(4, min=0, help="first tokens always kept")
     recent: int = param(64, min=0, help="last tokens always kept")
-    step: int = param(16, min=1, help="evict (and fold the buffered queries in) every `step` tokens")
+    step: int = param(32, min=1, help="evict (and fold the buffered queries in) every `step` tokens")
     strategy: str = param("topk", choices=("topk", "aggregate"),
                           help="topk: drop the evicted tokens; aggregate: fold them into per-bucket slots")
     width: int = param(1, min=1, max=4096, help="counters per row of the sketch (per query head)")
@@ -43,7 +43,7 @@ class Sketch(SelectionPolicy):
                       help="centroid: attention of the counters' mean queries; bucket: the key's cell count")
     weighting: str = param("one", choices=("one", "norm"), help="a query counts 1 or its norm")
     half_life: int = param(0, min=0, help="tokens after which a query counts half (0: no decay)")
-    buckets: int = param(16, min=1, max=4096, help="aggregate: most slots the evicted tokens fold into "
+    buckets: int = param(4, min=1, max=4096, help="aggregate: most slots the evicted tokens fold into "
                                                     "(a power of two: SimHash cells of the keys)")
     fold_by: str = param("value", choices=("value", "key"),
                          help="aggregate: a token's bucket is the SimHash cell of its value or of its key")

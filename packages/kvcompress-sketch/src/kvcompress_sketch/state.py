@@ -79,7 +79,7 @@ class QuerySketch:
             weight = weight.unsqueeze(1) * x.float().norm(dim=-1)  # [B, Hkv, G, n]
         else:
             weight = weight.unsqueeze(1).expand(b, hkv, hq // hkv, n)
-        cells = simhash(x, self.planes, self.powers)
+        cells = simhash(x, self.planes, self.powers) if p.width > 1 else x[..., 0]  # width 1: no cells needed
         self.sketch.add(cells, weight, x if p.read == "centroid" else None)
 
     def score(self, ctx) -> torch.Tensor:
