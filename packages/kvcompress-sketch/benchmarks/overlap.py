@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from kvcompress_harness import load_model
 from kvcompress_harness.data import read_file
+from kvcompress_harness.decoding import cache_argument
 
 from kvcompress_sketch import Sketch
 from kvcompress_sketch.state import simhash
@@ -112,10 +113,11 @@ def main() -> None:
     ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :args.tokens]
     cache = kvcompress.CompressedCache(policy, model=loaded.model)
     nll, count, t0 = 0.0, 0, time.perf_counter()
+    arg = cache_argument(loaded.model)
     with torch.no_grad():
         for start in range(0, args.tokens, args.chunk):
             end = min(start + args.chunk, args.tokens)
-            logits = loaded.model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits
+            logits = loaded.model(input_ids=ids[:, start:end], use_cache=True, **{arg: cache}).logits
             targets = ids[0, start + 1:end + 1]
             nll += float(F.cross_entropy(logits[0, :len(targets)].float(), targets, reduction="sum"))
             count += len(targets)

@@ -75,10 +75,11 @@ def test_a_broken_hash_is_caught_by_the_bound():
 
 
 @pytest.mark.parametrize("chunk", [10**9, 7 * 4 * 3])  # one matmul, or many small chunks of items
-def test_counters_sum_the_vectors_of_their_items(monkeypatch, chunk):
+@pytest.mark.parametrize("width", [7, 1])  # width 1 takes a path without hashing
+def test_counters_sum_the_vectors_of_their_items(monkeypatch, chunk, width):
     monkeypatch.setattr(countmin, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(0)
-    rows, m, d, width, depth = (2, 3), 50, 5, 7, 4
+    rows, m, d, depth = (2, 3), 50, 5, 4
     items = torch.randint(0, MAX_ITEM, (*rows, m), generator=g)
     weights = torch.rand((*rows, m), generator=g)
     vectors = torch.randn((*rows, m, d), generator=g)

@@ -43,26 +43,26 @@ class CountMin:
 
     def add(self, items: torch.Tensor, weights: torch.Tensor, vectors: torch.Tensor | None = None) -> None:
         """Count ``items`` ``[..., m]`` with ``weights`` ``[..., m]`` (>= 0) and add ``weights * vectors``
-        (``[..., m, extra]``) to the counters' vectors: one one-hot matmul per chunk of items."""
+        (``[..., m, extra]``, any float dtype) to the counters' vectors: one one-hot matmul per chunk of items
+        (float32 copies of a chunk only)."""
         m = items.shape[-1]
-        flat_items = items.reshape(-1, m)
-        table = self.table.view(-1, *self.table.shape[-2:])
-        if self.width == 1:  # one counter per row: every item lands on it, no hashing needed
-            w = weights.reshape(-1, 1, m).float()
-            table[..., 0] += w.sum(-1)
-            if vectors is not None:
-                table[..., 1:] += w @ vectors.reshape(-1, m, vectors.shape[-1]).float()
-            return
-        values = weights.reshape(-1, m, 1).float()
-        if vectors is not None:
-            values = torch.cat([values, vectors.reshape(-1, m, vectors.shape[-1]).float() * values], -1)
-        counters = self.depth * self.width
-        step = max(1, CHUNK_ELEMENTS // (flat_items.shape[0] * counters))
+        table = self.table.view(-1, *self.table.shape[-2:])  # [R, depth * width, 1 + extra]
+        rows, counters = table.shape[0], self.depth * self.width
+        flat_items = items.reshape(rows, m)
+        flat_w = weights.reshape(rows, m).float()
+        flat_v = vectors.reshape(rows, m, vectors.shape[-1]) if vectors is not None else None
+        per_item = table.shape[-1] if self.width == 1 else counters + table.shape[-1]
+        step = max(1, CHUNK_ELEMENTS // (rows * per_item))
         for start in range(0, m, step):
+            w = flat_w[:, start:start + step].unsqueeze(-1)  # [R, c, 1]
+            values = w if flat_v is None else torch.cat([w, flat_v[:, start:start + step].float() * w], -1)
+            if self.width == 1:  # one counter per row: every item lands on it, no hashing needed
+                table += values.sum(1, keepdim=True)
+                continue
             index = self.index(flat_items[:, start:start + step])  # [R, c, depth]
             hot = torch.zeros((*index.shape[:2], counters), dtype=torch.float32, device=index.device)
             hot.scatter_(-1, index, 1.0)
-            table.baddbmm_(hot.transpose(1, 2), values[:, start:start + step])  # writes self.table
+            table.baddbmm_(hot.transpose(1, 2), values)  # writes self.table
 
     def estimate(self, items: torch.Tensor) -> torch.Tensor:
         """The Count-Min estimate of each item's count ``[..., m]``: the smallest of its ``depth`` counters."""
