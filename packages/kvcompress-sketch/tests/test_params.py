@@ -42,6 +42,7 @@ def test_needs_no_model_to_build():  # no attention weights, no hidden states: a
     ("sketch(strategy=aggregate,buckets=12)", ["'buckets'", "12", "a power of two"]),
     ("sketch(strategy=aggregate,buckets=0)", ["'buckets'", "0", ">= 1"]),
     ("sketch(budget=70,strategy=aggregate)", ["'budget'", "70", "sink + recent + buckets", "4 + 64 + 4 = 72"]),
+    ("sketch(strategy=aggregate,adaptive=2)", ["'adaptive'", "2.0", "1.0 with strategy 'aggregate'"]),
     ("sketch(budget=32)", ["'budget'", "32", ">= sink + recent", "4 + 64 = 68"]),
     ("sketch(budget=64,ratio=0.25)", ["'budget' (64)", "'ratio' (0.25)", "not both"]),
     ("sketch(hash=simhash)", ["unknown parameter 'hash'", "width", "depth"]),

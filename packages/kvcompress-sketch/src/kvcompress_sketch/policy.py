@@ -58,6 +58,9 @@ class Sketch(SelectionPolicy):
             if self.buckets & (self.buckets - 1):
                 raise ValueError(f"sketch: parameter 'buckets' got {self.buckets}; allowed: a power of two "
                                  "(aggregates are SimHash cells of the keys)")
+            if self.adaptive > 1.0:
+                raise ValueError(f"sketch: parameter 'adaptive' got {self.adaptive}; allowed: 1.0 with strategy "
+                                 "'aggregate' (every head holds the same exact slots and buckets)")
             reserved = self.sink + self.recent + self.buckets
             if self.ratio is None and self.budget < reserved:
                 raise ValueError(
