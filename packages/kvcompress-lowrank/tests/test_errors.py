@@ -15,7 +15,7 @@ from kvcompress import _kernels
         ("lowrank(k_rank=0)", r"parameter 'k_rank' got 0; allowed: int >= 1"),
         ("lowrank(energy=0)", r"parameter 'energy' got 0.0; allowed: float > 0.0 and <= 1.0"),
         ("lowrank(v_energy=1.5)", r"parameter 'v_energy' got 1.5; allowed: float > 0.0 and <= 1.0"),
-        ("lowrank(coeff_bits=2)", r"parameter 'coeff_bits' got 2; allowed: one of 8, 4 \(or None\)"),
+        ("lowrank(coeff_bits=2)", r"parameter 'coeff_bits' got 2; allowed: one of 4, 8 \(or None\)"),
         ("lowrank(basis=svd)", r"parameter 'basis' got 'svd'; allowed: one of 'pca', 'random'"),
         ("lowrank(window=-1)", r"parameter 'window' got -1; allowed: int >= 0"),
         ("lowrank(rank=3)", r"unknown parameter 'rank'"),

@@ -25,4 +25,4 @@ def test_registered_as_a_representation():
 
     info = {p.name: p for p in kvcompress.list_policies()}["lowrank"]
     assert (info.kind, info.distribution) == ("representation", "kvcompress-lowrank")
-    assert info.params["energy"] == 0.99 and info.params["coeff_bits"] == 8
+    assert info.params["energy"] == 0.99 and info.params["coeff_bits"] == 4

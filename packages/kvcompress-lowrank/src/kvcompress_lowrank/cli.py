@@ -65,6 +65,24 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .text import read_text, split_text
+
+    text = read_text(args.data)
+    Path(args.out).write_text(split_text(text, args.split), encoding="utf-8")
+    message = f"wrote the {args.split} of {args.data}'s articles to {args.out}"
+    if args.tokenizer_of:
+        from .text import heldout_offset
+
+        _, tokenizer = load_model(args.tokenizer_of, "cpu", "float32")
+        message += (f"; the second half starts at token {heldout_offset(tokenizer, text)} of the whole file "
+                    "(kvcompress run --param perplexity.offset=N)")
+    print(message)
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from .analysis import report
 
@@ -105,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)
+    spl = sub.add_parser("split", help="write one half of a WikiText file's articles (held-out text)")
+    spl.add_argument("--data", required=True, help="UTF-8 text file")
+    spl.add_argument("--split", default="second-half", choices=("first-half", "second-half"))
+    spl.add_argument("--out", required=True, help="output text file")
+    spl.add_argument("--tokenizer-of", default=None, help="a model (as --model) whose tokenizer gives the "
+                     "token where the second half starts in the whole file")
+    spl.set_defaults(run=_split)
     ana = sub.add_parser("analyze", help="explained variance at given ranks, per kind and layer (markdown)")
     ana.add_argument("file", help="a calibration .safetensors file")
     ana.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 24, 32, 40, 48, 56, 64])

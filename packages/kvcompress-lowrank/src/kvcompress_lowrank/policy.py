@@ -21,52 +21,26 @@ class LowRank(Representation):
     name: ClassVar[str] = "lowrank"
     needs_rope: ClassVar[bool] = True
 
-    calibration: str = param(
-        "",
-        help="calibration .safetensors file (kvcompress-lowrank calibrate); default "
-        "'': the one shipped for the model (SmolLM2-135M-Instruct)",
-    )
-    basis: str = param(
-        "pca",
-        choices=("pca", "random"),
-        help="the calibrated PCA basis, or a random orthonormal one (the baseline; with the "
-        "calibration's mean and ranks when a calibration is there)",
-    )
-    k_rank: int | None = param(
-        None, min=1, help="coefficients per key (default None: by `energy`, per layer)"
-    )
+    calibration: str = param("", help="calibration .safetensors file (kvcompress-lowrank calibrate); default "
+                                      "'': the one shipped for the model (SmolLM2-135M-Instruct)")
+    basis: str = param("pca", choices=("pca", "random"),
+                       help="the calibrated PCA basis, or a random orthonormal one (the baseline; with the "
+                            "calibration's mean, whitening and ranks when a calibration is there)")
+    k_rank: int | None = param(None, min=1, help="coefficients per key (default None: per layer by `energy`)")
     v_rank: int | None = param(None, min=1, help="coefficients per value (default None: by `energy`)")
-    energy: float = param(
-        0.99,
-        min=0.0,
-        min_exclusive=True,
-        max=1.0,
-        help="share of the calibrated variance each layer's ranks keep (worst kv head)",
-    )
-    k_energy: float | None = param(
-        None, min=0.0, min_exclusive=True, max=1.0, help="`energy` for the keys only (default None: `energy`)"
-    )
-    v_energy: float | None = param(
-        None,
-        min=0.0,
-        min_exclusive=True,
-        max=1.0,
-        help="`energy` for the values only (default None: `energy`)",
-    )
-    coeff_bits: int | None = param(
-        8,
-        choices=(8, 4),
-        help="8 or 4: int8 / packed int4 coefficients (whitened) "
-        "with a float16 scale per token and head; None: in the model's dtype",
-    )
+    energy: float = param(0.99, min=0.0, min_exclusive=True, max=1.0,
+                          help="share of the calibrated variance each layer's ranks keep (worst kv head)")
+    k_energy: float | None = param(None, min=0.0, min_exclusive=True, max=1.0,
+                                   help="`energy` for the keys only (default None: `energy`)")
+    v_energy: float | None = param(None, min=0.0, min_exclusive=True, max=1.0,
+                                   help="`energy` for the values only (default None: `energy`)")
+    coeff_bits: int | None = param(4, choices=(4, 8), help="4 or 8: packed int4 / int8 coefficients "
+                                   "(whitened), a float16 scale per token and head; None: the model's dtype")
     sink: int = param(4, min=0, help="first tokens kept exact")
     window: int = param(64, min=0, help="most recent tokens kept exact")
     seed: int = param(0, min=0, help="seed of the random basis (layer i draws from seed + i)")
-    kernel: str = param(
-        "auto",
-        choices=("auto", "triton", "torch"),
-        help="decode attention: fused Triton kernel on a CUDA GPU, or torch ops",
-    )
+    kernel: str = param("auto", choices=("auto", "triton", "torch"),
+                        help="decode attention: fused Triton kernel on a CUDA GPU, or torch ops")
 
     def check(self) -> None:
         if self.kernel == "triton":
