@@ -114,11 +114,13 @@ def test_lowrank_uses_the_file_full_rank_exact_and_ranks_by_energy(calibrated):
     )
     got = greedy_logits(model, prompt, kvcompress.make_cache(spec, model=model), steps=10)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    cache = kvcompress.make_cache(f"lowrank(calibration='{path}',energy=0.9)", model=model)
+    cache = kvcompress.make_cache(f"lowrank(calibration='{path}',energy=0.9,coeff_bits=8)", model=model)
     tensors, _ = kvcompress.load_weights(path)
     share = tensors["keys.eigenvalues"].cumsum(-1) / tensors["keys.eigenvalues"].sum(-1, keepdim=True)
     want_ranks = ((share < 0.9).sum(-1) + 1).max(-1).values.tolist()
     assert cache.shared["representation"].k_ranks == want_ranks
+    int4 = kvcompress.make_cache(f"lowrank(calibration='{path}',energy=0.9,coeff_bits=4)", model=model)
+    assert int4.shared["representation"].k_ranks == [r + r % 2 for r in want_ranks]  # two codes per byte
 
 
 def test_another_models_file_is_refused(calibrated):
