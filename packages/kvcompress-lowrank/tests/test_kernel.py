@@ -120,3 +120,18 @@ def test_a_second_launch_merges_when_asked(monkeypatch):
     torch.testing.assert_close(
         kernels.decode_attention(store, query, None, 32**-0.5), want, rtol=1e-5, atol=1e-5
     )
+
+
+def test_llama3_head_shape():
+    """The GPU speed grid's shape: head_dim 128, 4 query heads per kv head, ranks 112 / 124, int4."""
+    dtype = torch.bfloat16 if GPU else torch.float32
+    model = tiny_model("llama", hidden_size=1024, num_attention_heads=8).to(DEVICE, dtype)
+    spec = "lowrank(basis=random,k_rank=112,v_rank=124,sink=2,window=16,kernel=torch)"
+    cache = kvcompress.make_cache(spec, model=model)
+    greedy_logits(model, ids(200, batch=2).to(DEVICE), cache, steps=2)
+    store = cache.layers[1].store
+    query = torch.randn(store.b, 8, 1, 128, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2))
+    want, _ = _reference(store, query.to(dtype), None, 128**-0.5, None)
+    got = kernels.decode_attention(store, query.to(dtype), None, 128**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
