@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-packages=(kvcompress kvcompress-h2o kvcompress-quant kvcompress-harness)
+packages=(kvcompress kvcompress-h2o kvcompress-quant kvcompress-cluster kvcompress-harness)
 editables=()
 for p in "${packages[@]}"; do
   [ -f "packages/$p/pyproject.toml" ] && editables+=(-e "packages/$p[test]")

@@ -53,24 +53,27 @@ def merge_targets(points: torch.Tensor, labels: torch.Tensor, member: torch.Tens
                   distance: str, chunk_elements: int = 1 << 24) -> torch.Tensor:
     """``into`` ``[N, S]`` for :func:`kvcompress.merge_into`: each evicted member's nearest kept member of its
     own cluster (by the clustering's metric over the prepared ``points``), as an index into ``keep``; -1
-    where none (non-members, or a cluster left without a kept member). Computed in chunks of slots, so that
-    a long prompt never builds an ``S x K`` matrix per row at once."""
+    where none (kept slots, non-members, a cluster left without a kept member). Only the ``S - K`` evicted
+    slots are compared with the kept ones (a decode-time eviction compares ``step`` slots), in chunks, so
+    that a long prompt never builds an ``S x K`` matrix per row at once."""
     n, s, d = points.shape
     k = keep.shape[1]
+    kept = slot_to_keep(keep, s) >= 0
+    evicted = kept.to(torch.uint8).argsort(dim=-1, stable=True)[:, : s - k]  # [N, E] the slots not kept
     kept_points = points.gather(1, keep.unsqueeze(-1).expand(n, k, d))
-    kept_labels = labels.gather(1, keep)
-    kept_member = member.gather(1, keep)
+    kept_labels = labels.gather(1, keep).masked_fill(~member.gather(1, keep), -1)  # a protected slot: no target
     # nearest in L2: the largest x.c - |c|^2 / 2; on the sphere: the largest x.c
     offset = None if distance == "cosine" else 0.5 * kept_points.square().sum(-1).unsqueeze(1)
     into = torch.full((n, s), -1, dtype=torch.int64, device=points.device)
     step = max(1, chunk_elements // max(1, n * k))
-    for start in range(0, s, step):
-        stop = min(s, start + step)
-        sim = torch.bmm(points[:, start:stop], kept_points.transpose(1, 2))  # [N, c, K]
+    for start in range(0, s - k, step):
+        rows = evicted[:, start:start + step]  # [N, c]
+        x = points.gather(1, rows.unsqueeze(-1).expand(*rows.shape, d))
+        sim = torch.bmm(x, kept_points.transpose(1, 2))  # [N, c, K]
         if offset is not None:
             sim = sim - offset
-        same = (labels[:, start:stop, None] == kept_labels[:, None, :]) & kept_member[:, None, :]
-        best, idx = sim.masked_fill(~same, float("-inf")).max(-1)
-        into[:, start:stop] = torch.where(torch.isfinite(best) & member[:, start:stop], idx, -1)
+        other = labels.gather(1, rows).unsqueeze(-1) != kept_labels.unsqueeze(1)
+        best, idx = sim.masked_fill_(other, float("-inf")).max(-1)
+        ok = torch.isfinite(best) & member.gather(1, rows)
+        into.scatter_(1, rows, torch.where(ok, idx, -1))
     return into
-
