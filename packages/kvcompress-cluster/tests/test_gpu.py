@@ -4,10 +4,11 @@ On a CUDA GPU with Triton; on a CPU under Triton's interpreter (TRITON_INTERPRET
 
 from __future__ import annotations
 
-import kvcompress
 import pytest
 import torch
 from conftest import prompt, tiny_model
+
+import kvcompress
 from kvcompress import _kernels as kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if kernels.INTERPRET else None)
@@ -47,7 +48,8 @@ def test_fused_decode_matches_torch_path(spec, monkeypatch):
     finally:
         kernels.ENABLED = True
     (fused_out, fused_cache), (torch_out, torch_cache) = runs
-    torch.testing.assert_close(torch.stack(fused_out.logits), torch.stack(torch_out.logits), rtol=1e-4, atol=1e-4)
+    fused_logits, torch_logits = torch.stack(fused_out.logits), torch.stack(torch_out.logits)
+    torch.testing.assert_close(fused_logits, torch_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(fused_out.sequences, torch_out.sequences)
     for a, b in zip(fused_cache.layers, torch_cache.layers, strict=True):
         assert torch.equal(a.slots.view("positions"), b.slots.view("positions"))

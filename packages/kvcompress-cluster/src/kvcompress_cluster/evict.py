@@ -10,8 +10,10 @@
    attention its tokens received and candidates rank by their own; with ``share="size"`` the share is its
    token count and candidates rank by smaller key norm.
 3. ``merge``: each evicted candidate folds into its nearest kept candidate of the same cluster
-   (:func:`kvcompress.merge_into`: the bias becomes ``log n``; keys and values are means weighted by
-   observed attention, or by token count); its observed attention moves with it.
+   (:func:`kvcompress.merge_into`): the slot's bias becomes ``log n`` for the ``n`` tokens it now stands
+   for, and its observed attention their sum. ``fold="mass"`` keeps the kept token's key and value (the
+   evicted tokens count as copies of their nearest kept neighbour); ``fold="mean"`` makes them the mean of
+   the tokens', weighted by observed attention (by token count with ``share="size"``).
 """
 
 from __future__ import annotations
@@ -95,8 +97,14 @@ def cluster_plan(policy: Cluster, ctx: SlotContext, target: int) -> Plan:
     if policy.mode == "evict":
         return Plan(keep=keep, states=states)
     into = seats.merge_targets(points, labels, member, flat_keep, policy.distance)
-    # merge_into weighs each slot by its token count times `weights`: make that its observed attention
-    weights = None if attention is None else (attention / count).clamp(min=1e-6).view(b, h, s)
+    # merge_into weighs each slot by its token count times `weights`
+    if policy.fold == "mass":  # the kept slot's contents stay; it takes the evicted tokens' count
+        kept = seats.slot_to_keep(flat_keep, s) >= 0
+        weights = (torch.where(kept, 1.0, 1e-6) / count).view(b, h, s)
+    elif attention is not None:  # means weighted by the attention each slot received
+        weights = (attention / count).clamp(min=1e-6).view(b, h, s)
+    else:  # means weighted by token count
+        weights = None
     plan = merge_into(ctx, keep, into.view(b, h, s), weights=weights)
     if attention is not None:  # a merged slot has received the attention of every token it stands for
         own = seats.slot_to_keep(flat_keep, s)

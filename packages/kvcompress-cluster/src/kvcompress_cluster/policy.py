@@ -33,6 +33,9 @@ class Cluster(SelectionPolicy):
     distance: str = param("cosine", choices=("cosine", "l2"), help="k-means metric over keys")
     mode: str = param("merge", choices=("merge", "evict"),
                       help="merge: evicted tokens fold into a kept slot of their cluster; evict: dropped")
+    fold: str = param("mass", choices=("mass", "mean"),
+                      help="merge: a kept slot keeps its key/value and takes the tokens' count (mass), "
+                           "or becomes their weighted mean (mean)")
     share: str = param("attention", choices=("attention", "size"),
                        help="a cluster's seats follow its observed attention mass, or its token count")
     seed: int = param(0, min=0, help="k-means++ seeding (layer i draws from seed + i)")

@@ -61,7 +61,8 @@ def merge_targets(points: torch.Tensor, labels: torch.Tensor, member: torch.Tens
     kept = slot_to_keep(keep, s) >= 0
     evicted = kept.to(torch.uint8).argsort(dim=-1, stable=True)[:, : s - k]  # [N, E] the slots not kept
     kept_points = points.gather(1, keep.unsqueeze(-1).expand(n, k, d))
-    kept_labels = labels.gather(1, keep).masked_fill(~member.gather(1, keep), -1)  # a protected slot: no target
+    # a protected slot (sink, recent) is no merge target
+    kept_labels = labels.gather(1, keep).masked_fill(~member.gather(1, keep), -1)
     # nearest in L2: the largest x.c - |c|^2 / 2; on the sphere: the largest x.c
     offset = None if distance == "cosine" else 0.5 * kept_points.square().sum(-1).unsqueeze(1)
     into = torch.full((n, s), -1, dtype=torch.int64, device=points.device)
