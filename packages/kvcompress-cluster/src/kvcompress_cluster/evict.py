@@ -11,9 +11,10 @@
    token count and candidates rank by smaller key norm.
 3. ``merge``: each evicted candidate folds into its nearest kept candidate of the same cluster
    (:func:`kvcompress.merge_into`): the slot's bias becomes ``log n`` for the ``n`` tokens it now stands
-   for, and its observed attention their sum. ``fold="mass"`` keeps the kept token's key and value (the
-   evicted tokens count as copies of their nearest kept neighbour); ``fold="mean"`` makes them the mean of
-   the tokens', weighted by observed attention (by token count with ``share="size"``).
+   for, and its observed attention their sum. ``fold="mass"`` (the default with ``share="attention"``)
+   keeps the kept token's key and value (the evicted tokens count as copies of their nearest kept
+   neighbour); ``fold="mean"`` (the default with ``share="size"``) makes them the mean of the tokens',
+   weighted by observed attention (by token count with ``share="size"``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def cluster_plan(policy: Cluster, ctx: SlotContext, target: int) -> Plan:
         return Plan(keep=keep, states=states)
     into = seats.merge_targets(points, labels, member, flat_keep, policy.distance)
     # merge_into weighs each slot by its token count times `weights`
-    if policy.fold == "mass":  # the kept slot's contents stay; it takes the evicted tokens' count
+    if policy.folding == "mass":  # the kept slot's contents stay; it takes the evicted tokens' count
         kept = seats.slot_to_keep(flat_keep, s) >= 0
         weights = (torch.where(kept, 1.0, 1e-6) / count).view(b, h, s)
     elif attention is not None:  # means weighted by the attention each slot received

@@ -33,9 +33,10 @@ class Cluster(SelectionPolicy):
     distance: str = param("cosine", choices=("cosine", "l2"), help="k-means metric over keys")
     mode: str = param("merge", choices=("merge", "evict"),
                       help="merge: evicted tokens fold into a kept slot of their cluster; evict: dropped")
-    fold: str = param("mass", choices=("mass", "mean"),
-                      help="merge: a kept slot keeps its key/value and takes the tokens' count (mass), "
-                           "or becomes their weighted mean (mean)")
+    fold: str | None = param(None, choices=("mass", "mean"),
+                             help="merge: a kept slot keeps its key/value and takes the tokens' count "
+                                  "(mass), or becomes their weighted mean (mean); unset: mass with "
+                                  "share=attention, mean with share=size")
     share: str = param("attention", choices=("attention", "size"),
                        help="a cluster's seats follow its observed attention mass, or its token count")
     seed: int = param(0, min=0, help="k-means++ seeding (layer i draws from seed + i)")
@@ -48,6 +49,13 @@ class Cluster(SelectionPolicy):
                 f"cluster: parameter 'clusters' is {self.clusters}; allowed: at most budget - sink - recent "
                 f"= {self.budget} - {self.sink} - {self.recent} = {seats} (each cluster needs a seat)"
             )
+
+    @property
+    def folding(self) -> str:
+        """How merged slots are made: ``fold``, or the measured best for the ``share`` when unset."""
+        if self.fold is not None:
+            return self.fold
+        return "mass" if self.share == "attention" else "mean"
 
     @property
     def needs_attention(self) -> bool:  # type: ignore[override]
