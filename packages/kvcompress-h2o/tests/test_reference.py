@@ -36,7 +36,7 @@ def drive(policy, forwards: list[int], batch: int, heads: int, groups: int, seed
         qpos = list(range(layer.seen - q, layer.seen))
         weights = random_attention(before, qpos, groups, gen)
         policy.observe(layer.context(), weights, torch.tensor(qpos, dtype=torch.int32))
-        layer.finish_attention(None)
+        layer.finish_attention(None, torch.zeros(batch, heads * groups, q, 4))  # as attention calls it
         yield weights, before, layer.slots.view("positions").tolist(), layer.seen
 
 

@@ -31,3 +31,20 @@ def test_prompt_errors(smol):
         fit_units(smol.tokenizer, "h", ["u "], "f", "t", 100, 1.5)
     with pytest.raises(HarnessError, match="too short"):
         fit_units(smol.tokenizer, passkey.HEAD, [passkey.FILLER], "fact", passkey.TAIL, 10, 0.5)
+
+
+@pytest.mark.parametrize("depth", [0.0, 1.0])
+def test_split_prompt_feeds_the_ids_of_the_whole_prompt(smol, depth):
+    import torch
+
+    from kvcompress_harness.tasks.prompts import encode, split_prompt
+
+    tok = smol.tokenizer
+    text = fit_units(tok, passkey.HEAD, [passkey.FILLER] * 50, passkey.FACT.format(key="12345"), passkey.TAIL, 200,
+                     depth)
+    for chat in (False, True):
+        parts = split_prompt(tok, text, passkey.TAIL, torch.device("cpu"), chat=chat)
+        assert torch.equal(torch.cat([parts.context, parts.question], 1),
+                           encode(tok, text, torch.device("cpu"), chat=chat))
+        assert "What is the pass key?" in tok.decode(parts.question[0])
+        assert "What is" not in tok.decode(parts.context[0])

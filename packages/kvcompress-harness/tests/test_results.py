@@ -47,3 +47,29 @@ def test_cell_key_ignores_metrics_and_order():
     assert cell_key(a) != cell_key({**a, "length": 16})
     assert finished([{**a, "status": "error"}]) == {}
     assert list(finished([{**a, "status": "ok"}])) == [cell_key(a)]
+
+
+def test_prepare_out_repairs_and_refuses(tmp_path):
+    import pytest
+
+    from kvcompress_harness.errors import HarnessError
+    from kvcompress_harness.results import prepare_out
+
+    path = tmp_path / "r.jsonl"
+    assert prepare_out(path) == []
+    rec = {"task": "t", "policy": "p", "status": "ok"}
+    append_record(path, rec)
+    assert prepare_out(path) == []
+    path.write_text(path.read_text() + json.dumps(rec))  # whole record, newline missing
+    (msg,) = prepare_out(path)
+    assert "line 2 had no newline" in msg and len(read_records(path)) == 2 and path.read_text().endswith("\n")
+    path.write_text(path.read_text() + '{"task": "t", "pol')
+    (msg,) = prepare_out(path)
+    assert "line 3 was cut short (18 bytes" in msg and (tmp_path / "r.jsonl.partial-1").exists()
+    assert path.read_text().count("\n") == 2 and len(read_records(path)) == 2
+    with pytest.raises(HarnessError, match="is a directory"):
+        prepare_out(tmp_path)
+    other = tmp_path / "o.jsonl"
+    other.write_text('{"x": 1}\n')
+    with pytest.raises(HarnessError, match="line 1 is JSON but not a kvcompress result"):
+        prepare_out(other)

@@ -1,22 +1,19 @@
 """GPU benchmarks of quant on a random-init Llama-3-8B architecture (bf16), in one process.
 
-  python gpu_bench.py numerics kernel e2e maxbatch [--out FILE]   (any subset; JSON lines on stdout)
+  python gpu_bench.py numerics kernel [--out FILE]   (either or both; JSON lines on stdout)
 
 numerics  fused kernel vs float32 dequantize-then-sdpa on random stores (bits x axes x mask kinds)
 kernel    decode attention alone at 32k tokens: int4 fused kernel vs bf16 sdpa (+ a small tile sweep)
-e2e       batch 1, 16k prompt: decode tokens/s, full (DynamicCache) vs quant(bits=4)
-maxbatch  32k context: largest batch that fits, and aggregate decode tokens/s, full vs quant(bits=4)
 
-Without a GPU it dry-runs the e2e/maxbatch logic on tiny shapes on the CPU.
+End-to-end decode speed and the largest batch that fits are harness tasks now (``speed``, ``max_batch``:
+``kvcompress run --grid benchmarks/speed-gpu.toml`` from the repository root).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
-import time
 import warnings
 
 import torch
@@ -26,7 +23,6 @@ try:
 except ImportError:  # a CPU dry run
     triton = None
 
-import kvcompress
 from kvcompress_quant import QuantStore, kernels
 
 warnings.filterwarnings("ignore")
@@ -44,17 +40,6 @@ def emit(**row):
     row["device"] = "cpu (dry run)" if DRY else torch.cuda.get_device_name()
     OUT.append(row)
     print(json.dumps(row), flush=True)
-
-
-def llama8b_config(layers=32):
-    from transformers import LlamaConfig
-
-    if DRY:
-        return LlamaConfig(hidden_size=256, num_hidden_layers=layers, num_attention_heads=8,
-                           num_key_value_heads=2, head_dim=128, intermediate_size=512, vocab_size=1000)
-    return LlamaConfig(hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, intermediate_size=14336, vocab_size=128256,
-                       max_position_embeddings=65536, rope_theta=500000.0)
 
 
 def random_store(bits, key_axis, value_axis, b, h, n, d=128, dtype=torch.bfloat16, chunk=8192):
@@ -169,145 +154,10 @@ def kernel_bench():
         torch.cuda.empty_cache()
 
 
-def build_model(layers=32):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(DEV):
-        model = LlamaForCausalLM._from_config(llama8b_config(layers), dtype=torch.bfloat16,
-                                              attn_implementation="sdpa")
-    for p in model.parameters():  # random init, small enough to keep activations finite
-        p.data.normal_(0, 0.02)
-    return model.eval()
-
-
-def make(spec, model):
-    return kvcompress.make_cache(spec, model=model)
-
-
-@torch.no_grad()
-def decode_time(model, cache, token, steps, warm=3):
-    times = []
-    for i in range(warm + steps):
-        sync()
-        t0 = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        sync()
-        if i >= warm:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def free_memory():
-    gc.collect()
-    if not DRY:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-@torch.no_grad()
-def e2e(model, ctx=16384, steps=32):
-    ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=DEV)
-    res = {}
-    for rep in range(2):
-        for spec in ("full", "quant(bits=4)"):
-            cache = make(spec, model)
-            for s in range(0, ctx, 4096):
-                model(input_ids=ids[:, s : s + 4096], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            t = decode_time(model, cache, ids[:, -1:], steps)
-            res.setdefault(spec, []).append(t)
-            kvb = kvcompress.kv_bytes(cache)
-            del cache
-            free_memory()
-            emit(test="e2e_b1", context=ctx, spec=spec, rep=rep, ms_per_token=t * 1e3, tokens_per_s=1 / t,
-                 kv_GB=kvb / 1e9)
-    full, quant = min(res["full"]), min(res["quant(bits=4)"])
-    emit(test="e2e_b1_summary", context=ctx, full_tok_s=1 / full, int4_tok_s=1 / quant, ratio=full / quant)
-
-
-def fill(spec, model, b, ctx, layers):
-    from transformers import DynamicCache
-
-    cache = DynamicCache() if spec == "full" else make(spec, model)
-    h = model.config.num_key_value_heads
-    for layer in range(layers):
-        if spec == "full":
-            k = torch.randn(b, h, ctx, 128, device=DEV, dtype=torch.bfloat16)
-            cache.update(k, torch.randn_like(k), layer)
-            del k
-        else:
-            # Setup only: append through the real layer, but skip the dense copy a prefill chunk's attention
-            # would need (no attention runs here), so the batch measured is what *decoding* can hold.
-            k = torch.randn(b, h, 1, 128, device=DEV, dtype=torch.bfloat16)
-            cache.update(k, torch.randn_like(k), layer)  # creates the layer and its store
-            store = cache.layers[layer].store
-            zero = torch.zeros((1, 1, 1, 1), dtype=torch.bfloat16, device=DEV)
-            store.keys_values = lambda st=store, z=zero: (z.expand(b, h, st.length, 128),) * 2
-            for s in range(1, ctx, 2048):
-                k = torch.randn(b, h, min(2048, ctx - s), 128, device=DEV, dtype=torch.bfloat16)
-                cache.update(k, torch.randn_like(k), layer)
-                del k
-            del store.keys_values
-            store._fresh = None
-            cache.layers[layer].returned_keys = None
-    return cache
-
-
-@torch.no_grad()
-def try_batch(model, spec, b, ctx, layers):
-    cache = None
-    try:
-        cache = fill(spec, model, b, ctx, layers)
-        token = torch.randint(0, model.config.vocab_size, (b, 1), device=DEV)
-        t = decode_time(model, cache, token, steps=6, warm=2)
-        peak = 0.0 if DRY else torch.cuda.max_memory_allocated() / 1e9
-        return t, kvcompress.kv_bytes(cache) / 1e9, peak
-    except torch.OutOfMemoryError:
-        return None
-    finally:
-        del cache
-        free_memory()
-
-
-def maxbatch(model, ctx=32768, layers=32, specs=("full", "quant(bits=4)")):
-    free = 3e8 if DRY else torch.cuda.mem_get_info()[0]
-    h = model.config.num_key_value_heads
-    per_seq = {"full": 2 * layers * h * ctx * 128 * 2,
-               "quant(bits=4)": int(layers * h * ctx * (128 + 16) * 1.07)}
-    for spec in specs:
-        b = max(1, int(free * 0.9 / per_seq[spec]))
-        ok, fail = {}, set()
-        step = max(1, b // 16)
-        for _ in range(9):  # walk by `step` until the edge is bracketed, then bisect
-            r = try_batch(model, spec, b, ctx, layers)
-            emit(test="maxbatch_try", spec=spec, batch=b, fits=r is not None,
-                 ms_per_step=None if r is None else r[0] * 1e3, kv_GB=None if r is None else r[1])
-            if r is None:
-                fail.add(b)
-            else:
-                ok[b] = r
-            lo, hi = max(ok, default=0), min(fail, default=None)
-            if hi is not None and hi - lo <= 1 and lo:
-                break
-            if hi is None:
-                b = lo + step
-            elif not lo:
-                b = max(1, hi - step)
-            else:
-                b = (lo + hi) // 2
-        best = max(ok) if ok else 0
-        t, kvgb, peak = ok[best] if ok else (float("nan"),) * 3
-        emit(test="maxbatch", spec=spec, context=ctx, max_batch=best, ms_per_step=t * 1e3,
-             aggregate_tok_s=best / t, kv_GB=kvgb, peak_GB=peak, searched_all=bool(fail) or DRY)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("what", nargs="+")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--maxbatch-specs", nargs="+", default=["full", "quant(bits=4)"])
     args = ap.parse_args()
     print("torch", torch.__version__, "triton", getattr(triton, "__version__", None), DEV, flush=True)
     try:
@@ -315,12 +165,10 @@ def main():
             numerics()
         if "kernel" in args.what:
             kernel_bench()
-        layers = 2 if DRY else 32
-        model = build_model(layers) if {"e2e", "maxbatch"} & set(args.what) else None
-        if "e2e" in args.what:
-            e2e(model, ctx=600 if DRY else 16384, steps=4 if DRY else 32)
-        if "maxbatch" in args.what:
-            maxbatch(model, ctx=1000 if DRY else 32768, layers=layers, specs=args.maxbatch_specs)
+        gone = {"e2e", "maxbatch"} & set(args.what)
+        if gone:
+            raise SystemExit(f"{', '.join(sorted(gone))}: measured by the harness now (kvcompress run --grid "
+                             "benchmarks/speed-gpu.toml, tasks speed and max_batch)")
     finally:
         if args.out:
             with open(args.out, "w") as f:

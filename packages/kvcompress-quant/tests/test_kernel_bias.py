@@ -42,7 +42,7 @@ def _store(bits, axes, rotate, n, b=2, h=2, d=64, group=64):
                                               (2, ("channel", "token"), True),
                                               (8, ("token", "token"), False),
                                               (4, ("token", "channel"), False)])
-@pytest.mark.parametrize("observe", [None, "sum", "max"])
+@pytest.mark.parametrize("observe", [None, "sum", "max", "set"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_bias_and_observation_match_float32_reference(bits, axes, rotate, observe, masked):
     n = 300
@@ -60,18 +60,23 @@ def test_bias_and_observation_match_float32_reference(bits, axes, rotate, observ
         mask = valid[:, None, None, :]
     acc = torch.rand(b, h, cap, device=DEVICE, generator=g)
     before = acc.clone()
-    accumulate = Accumulate(acc, observe) if observe else None
+    accumulate = None
+    if observe:
+        accumulate = Accumulate(acc, "sum" if observe == "set" else observe, observe == "set")
     out = kernels.decode_attention(store, query, mask, d**-0.5, bias[:, :, :n], accumulate)
     keys, values = store._dense(torch.float32)
     ref, weights = decode_attention(query.float(), keys, values, mask, d**-0.5, bias[:, :, :n])
     rel = float((out.float() - ref).norm() / ref.norm())
     assert rel < 2e-2, rel
     if observe:
-        reduced = weights.sum(2) if observe == "sum" else weights.amax(2)
+        reduced = weights.amax(2) if observe == "max" else weights.sum(2)
         expected = before.clone()
-        expected[:, :, :n] += reduced.sum(2)
+        if observe == "set":
+            expected[:, :, :n] = reduced.sum(2)
+        else:
+            expected[:, :, :n] += reduced.sum(2)
         torch.testing.assert_close(acc, expected, rtol=2e-2, atol=2e-3)
-        if masked:
+        if masked and observe != "set":
             assert torch.equal(acc[1, :, :40], before[1, :, :40])  # padding receives nothing
     else:
         assert torch.equal(acc, before)

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import kvcompress
 
-COVERING = ["full", "window(budget=80)", "sink(budget=80)", "random(budget=80)", "sink(ratio=1.0)",
+COVERING = ["full", "dense", "window(budget=80)", "sink(budget=80)", "random(budget=80)", "sink(ratio=1.0)",
             "window(budget=80,step=8)"]
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not (kernels.AVAILABLE and DEVICE),
                                 reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on a CPU)")
 
 
-@pytest.mark.parametrize("observe", [None, "sum", "max"])
+@pytest.mark.parametrize("observe", [None, "sum", "max", "set"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_fused_decode_with_bias_matches_torch(observe, masked, dtype):
@@ -34,15 +34,19 @@ def test_fused_decode_with_bias_matches_torch(observe, masked, dtype):
         mask = valid[:, None, None, :]
     acc = torch.rand(b, hkv, cap, device=DEVICE, generator=g)
     before = acc.clone()
-    out = kernels.fused_decode(query, keys, values, n, mask, d**-0.5, bias, (acc, observe) if observe else None)
+    accumulate = (acc, "sum" if observe == "set" else observe, observe == "set") if observe else None
+    out = kernels.fused_decode(query, keys, values, n, mask, d**-0.5, bias, accumulate)
     ref, weights = decode_attention(query.float(), keys[:, :, :n].float(), values[:, :, :n].float(), mask,
                                     d**-0.5, bias[:, :, :n])
     rel = float((out.float() - ref).norm() / ref.norm())
     assert rel < (1e-2 if dtype == torch.float16 else 1e-5), rel
     if observe:
-        reduced = weights.sum(2) if observe == "sum" else weights.amax(2)
+        reduced = weights.amax(2) if observe == "max" else weights.sum(2)
         expected = before.clone()
-        expected[:, :, :n] += reduced.sum(2)
+        if observe == "set":
+            expected[:, :, :n] = reduced.sum(2)
+        else:
+            expected[:, :, :n] += reduced.sum(2)
         torch.testing.assert_close(acc, expected, rtol=1e-3, atol=1e-4)
     else:
         assert torch.equal(acc, before)

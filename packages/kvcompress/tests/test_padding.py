@@ -25,8 +25,9 @@ def _generate(model, prompts, spec, new_tokens=20):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("spec", ["full", "window(budget=64)", "sink(budget=64)", "random(budget=64)",
-                                  "sink(budget=10,step=3)", "window(budget=12)"])
+@pytest.mark.parametrize("spec", ["full", "dense", "window(budget=64)", "sink(budget=64)", "random(budget=64)",
+                                  "sink(budget=10,step=3)", "window(budget=12)", "keydiff(budget=64)",
+                                  "keydiff(budget=64,adaptive=2)"])
 def test_batch_equals_each_prompt_alone(arch, spec):
     model = tiny_model(arch)
     gen = torch.Generator().manual_seed(4)

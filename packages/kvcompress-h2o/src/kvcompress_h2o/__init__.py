@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .policies import H2O, LRU, AttentionScored, evictions, mode
+from .retrieval import TOVA, SnapKV
 
 
 def __getattr__(name: str):  # the ready-made caches need torch and transformers: loaded on first use
@@ -15,4 +16,4 @@ def __getattr__(name: str):  # the ready-made caches need torch and transformers
 
 __version__ = "0.1.0"
 
-__all__ = ["H2O", "LRU", "AttentionScored", "H2OCache", "LRUCache", "evictions", "mode"]
+__all__ = ["H2O", "LRU", "TOVA", "AttentionScored", "H2OCache", "LRUCache", "SnapKV", "evictions", "mode"]

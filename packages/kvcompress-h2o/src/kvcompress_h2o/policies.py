@@ -29,14 +29,11 @@ class AttentionScored(SelectionPolicy):
     needs_attention: ClassVar[bool] = True
 
     def bind(self, layer: LayerInfo) -> dict[str, Any]:
-        return {"prompt": 0, "decode": 0, "multi_seen": None}
-
-    def _note_queries(self, ctx: SlotContext, weights: torch.Tensor) -> None:
-        if weights.shape[3] > 1:  # only a prompt's first chunk has several queries: shape only, no sync
-            ctx.bound["multi_seen"] = ctx.seen
+        return {"prompt": 0, "decode": 0}
 
     def _note_eviction(self, ctx: SlotContext) -> None:
-        ctx.bound["prompt" if ctx.bound["multi_seen"] == ctx.seen else "decode"] += 1
+        # right after a multi-token forward (or a cache.compress() between forwards): a prompt compressed
+        ctx.bound["decode" if ctx.new == 1 else "prompt"] += 1
 
 
 def evictions(cache: Any) -> dict[str, int]:
@@ -83,7 +80,6 @@ class H2O(AttentionScored):
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         import torch
 
-        self._note_queries(ctx, weights)
         heads = weights if self.gqa == "sum" else weights.amax(2, keepdim=True)  # [B, Hkv, G or 1, q, S]
         ctx.state["acc"].add_(heads.sum((2, 3), dtype=torch.float32))
 
@@ -109,7 +105,6 @@ class LRU(AttentionScored):
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         import torch
 
-        self._note_queries(ctx, weights)
         used = (weights > self.threshold).any(2)  # [B, Hkv, q, S]: any query head of the group
         when = query_positions.to(torch.float32).view(1, 1, -1, 1)
         last = ctx.state["last"]

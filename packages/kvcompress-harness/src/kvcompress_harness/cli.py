@@ -1,21 +1,33 @@
-"""The ``kvcompress`` command: ``list``, ``run`` and ``report``."""
+"""The ``kvcompress`` command: ``list``, ``run`` and ``report``.
+
+Nothing heavy is imported at the top: ``--help``, ``list`` and a misspelt policy or task answer before
+torch or transformers load (those come in only once a run has been checked and needs a model).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from .errors import HarnessError
-from .grid import apply_grid, parse_params
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: stop the run between two writes (finished cells are on disk)."""
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+
+    def line(r: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -44,35 +56,68 @@ def cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the grid; print where the results went."""
-    from .runner import RunConfig, run
+def _config(args: argparse.Namespace) -> Any:
+    from .grid import apply_grid, parse_params
+    from .runner import RunConfig
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise HarnessError(f"--threads: got {args.threads}; allowed: an integer >= 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    config = RunConfig(policies=args.policy or [], tasks=args.task or [], model=args.model, lengths=args.length,
+    tasks = list(args.task or [])
+    if args.max_batch and "max_batch" not in tasks:
+        tasks.append("max_batch")
+    command = "kvcompress " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    config = RunConfig(policies=args.policy or [], tasks=tasks, model=args.model, lengths=args.length,
                        out=args.out, device=args.device, dtype=args.dtype, chunk=args.chunk, seed=args.seed,
                        profile=args.profile, params=parse_params(args.param or []), data=args.data,
-                       data_file=args.data_file, progress=not args.no_progress)
+                       data_file=args.data_file, progress=not args.no_progress, batches=args.batch,
+                       compress=args.compress, command=command)
     if args.grid:
-        config = apply_grid(config, args.grid, given=vars(args))
+        config = apply_grid(config, args.grid, given={**vars(args), "task": tasks or None})
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Check the options, run the grid, print where the results went."""
+    from . import progress
+    from .specs import check_specs, resolve_tasks
+
+    progress.set_enabled(not args.no_progress)
+    if args.threads is not None and args.threads < 1:
+        raise HarnessError(f"--threads: got {args.threads}; allowed: an integer >= 1")
+    config = _config(args)
+    if not config.policies:
+        raise HarnessError("--policy: give at least one policy spec (see 'kvcompress list')")
+    if not config.tasks:
+        raise HarnessError("--task: give at least one task (see 'kvcompress list')")
+    config.policies = check_specs(config.policies)  # before torch is imported: a typo answers at once
+    resolve_tasks(config.tasks)
+    args.out_path = config.out
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    progress.say("starting: importing torch and transformers")
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from .runner import run
+
     records = run(config)
-    failed = [r for r in records if r["status"] != "ok"]
-    print(f"{len(records)} cell(s) run, {len(failed)} failed; results in {config.out}")
+    failed = [r for r in records if r["status"] == "error"]
+    oom = [r for r in records if r["status"] == "oom"]
+    print(f"{len(records)} cell(s) run, {len(failed)} failed, {len(oom)} out of memory; results in {config.out}")
     for r in failed:
         print(f"  failed: {r['task']} L={r['length']} {r['policy']}: {r['error']}")
+    if records and not failed:
+        print(f"next: kvcompress report {shlex.quote(config.out)}")
     return 1 if failed and len(failed) == len(records) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Write the markdown table and PNG plots next to the results."""
+    """Write the markdown report, the leaderboard and PNG plots next to the results."""
     from .report import report
 
-    out = report(args.results, args.out_dir)
+    out = report(args.results, args.out_dir, docs=args.docs)
     print(json.dumps({k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in out.items()},
                      indent=2))
     return 0
@@ -87,8 +132,14 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="measure policies on tasks against the full cache")
     r.add_argument("--policy", action="append", help="policy spec, e.g. 'sink(budget=128)'; repeatable")
     r.add_argument("--task", action="append", help="task name; repeatable")
-    r.add_argument("--model", default=None, help="HF id, local dir or .gguf file (default: SmolLM2-135M)")
+    r.add_argument("--model", default=None,
+                   help="HF id, local dir, .gguf file, or random:NAME[?layers=N] (llama-3-8b, qwen2.5-7b, "
+                        "mistral-7b, smollm2-135m; random weights, speed only); default: SmolLM2-135M")
     r.add_argument("--length", type=int, nargs="+", help="lengths in tokens (default: each task's)")
+    r.add_argument("--batch", type=int, nargs="+", help="batch sizes for speed (default 1)")
+    r.add_argument("--max-batch", action="store_true", help="also run max_batch: the largest batch that fits")
+    r.add_argument("--compress", nargs="+", help="retrieval tasks: 'prompt' (whole prompt, default) and/or "
+                                                 "'context' (context compressed, then the question)")
     r.add_argument("--out", default="results.jsonl", help="results file (JSON lines; reruns resume)")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     r.add_argument("--dtype", default=None, help="model dtype: float32, float16 or bfloat16")
@@ -100,25 +151,44 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     r.add_argument("--profile", action="store_true", help="write a torch.profiler trace per cell")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-progress", action="store_true", help="no progress lines or bars")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     r.set_defaults(fn=cmd_run)
-    rep = sub.add_parser("report", help="markdown table and PNG plots from a results file")
-    rep.add_argument("results", help="results .jsonl file")
-    rep.add_argument("--out-dir", default=None, help="where to write (default: beside the results)")
+    rep = sub.add_parser("report", help="markdown tables, leaderboard and PNG plots from results files")
+    rep.add_argument("results", nargs="+", help="results .jsonl file(s)")
+    rep.add_argument("--out-dir", default=None, help="where to write (default: beside the first results file)")
+    rep.add_argument("--docs", default=None, help="also rewrite the generated part of this markdown page "
+                                                  "(docs/benchmarks.md)")
     rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     rep.set_defaults(fn=cmd_report)
     return p
 
 
+def _saved(args: argparse.Namespace) -> str:
+    path = getattr(args, "out_path", None)
+    if not path:
+        return "finished cells are saved"
+    try:
+        with open(path, encoding="utf-8") as f:
+            n = sum(1 for line in f if line.strip())
+    except OSError:
+        n = 0
+    return f"{n} finished cell(s) are kept in {path}; rerun the same command to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: one clear line on error, the traceback with --debug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
-        print("kvcompress: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
+        print(f"kvcompress: interrupted; {_saved(args)}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"kvcompress: terminated (SIGTERM); {_saved(args)}", file=sys.stderr)
+        return 143
     except Exception as exc:  # noqa: BLE001 - one clear line for a person
         if args.debug:
             traceback.print_exc()

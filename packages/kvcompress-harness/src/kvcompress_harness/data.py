@@ -112,6 +112,15 @@ def load_text(source: str = "auto", data_file: str | None = None) -> Text:
         return Text(shipped.text, shipped.source, note=f"fell back to the shipped excerpt: {exc}")
 
 
+def describe(text: Text) -> str:
+    """Where the run's text comes from, in words (printed when a run starts)."""
+    if text.source.endswith("(shipped excerpt)"):
+        why = text.note.split(": ", 1)[-1] if text.note else "asked for with --data excerpt"
+        return (f"the WikiText-2 test excerpt shipped with the harness ({len(text.text) // 1000} KB; {why}); "
+                "pass --data-file PATH for the whole text")
+    return text.source
+
+
 def shared_wikitext(repo_root: str | os.PathLike) -> Path:
     """``<repo root>/../shared/data/wikitext-2-raw/wiki.test.raw`` (tests and benchmarks use it)."""
     return Path(repo_root).resolve().parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"

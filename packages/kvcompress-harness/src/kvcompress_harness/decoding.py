@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+
+from .errors import HarnessError
+from .models import cache_argument
+from .progress import track
 
 
 def sync(device: torch.device) -> None:
@@ -18,19 +20,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cache_argument(model: Any) -> str:
-    """Name of the forward argument that takes the cache (``cache`` in newer transformers)."""
-    name = getattr(model, "_kvc_cache_arg", None)
-    if name is None:
-        params = inspect.signature(model.forward).parameters
-        name = "cache" if "cache" in params else "past_key_values"
-        model._kvc_cache_arg = name
-    return name
 
 
 @torch.no_grad()
 def forward(model: Any, ids: torch.Tensor, cache: Any, last_only: bool = False) -> torch.Tensor:
-    """One forward of ``ids`` [1, n] through ``model`` with ``cache``; returns float32 logits."""
+    """One forward of ``ids`` [B, n] through ``model`` with ``cache``; returns float32 logits."""
     kwargs = {"logits_to_keep": 1} if last_only else {}
     kwargs[cache_argument(model)] = cache
     out = model(input_ids=ids, use_cache=True, **kwargs)
@@ -39,6 +33,8 @@ def forward(model: Any, ids: torch.Tensor, cache: Any, last_only: bool = False) 
 
 def chunks(n: int, chunk: int | None) -> list[tuple[int, int]]:
     """[start, end) pieces of ``range(n)`` of ``chunk`` tokens (one piece when chunk is None)."""
+    if n <= 0:
+        return []
     step = n if not chunk else chunk
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
@@ -50,12 +46,13 @@ def prefill(model: Any, ids: torch.Tensor, cache: Any, chunk: int | None = None,
     """Feed ``ids`` [1, n] in chunks; call ``on_logits(start, end, logits)``; return the last position's logits."""
     pieces = chunks(ids.shape[1], chunk)
     last = None
-    for start, end in tqdm(pieces, desc=desc, leave=False, disable=not progress or len(pieces) < 8):
+    if not pieces:
+        raise HarnessError("prefill: no tokens to feed; allowed: a prompt of at least one token")
+    for start, end in track(pieces, len(pieces), desc, enabled=progress):
         logits = forward(model, ids[:, start:end], cache, last_only=on_logits is None)
         if on_logits is not None:
             on_logits(start, end, logits)
         last = logits[:, -1]
-    assert last is not None, "prefill of zero tokens"
     return last
 
 

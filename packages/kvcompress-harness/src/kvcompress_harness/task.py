@@ -19,18 +19,26 @@ entry-point group's ``register_tasks(register)`` hook::
 holds at the end) so reports can plot quality against compression. The harness
 measures ``full`` with the same task, length and parameters as the reference,
 records both, and catches what ``run`` raises (the cell is recorded as failed).
+
+Optional attributes: ``limits`` (``{"param": (min, max)}``, either end ``None``: checked before any
+cell runs), ``needs_text`` (default True: the task reads the tokenizer and text; False lets it run on
+a ``random:`` model), ``supports_batch`` (the ``--batch`` axis applies), ``compress_modes`` (the
+``--compress`` axis applies), ``labels`` (``{"metric": "words with units"}`` for reports), and
+``run_group(ctx, specs) -> {spec: metrics}`` for a task that measures every policy of a cell at once
+(``speed`` pairs decode steps this way).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .data import Text
 from .errors import HarnessError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @runtime_checkable
@@ -62,6 +70,9 @@ class TaskContext:
     chunk: int | None
     text: Text
     progress: bool = True
+    batch: int = 1
+    compress: str | None = None
+    task: str = ""
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
     _token_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -72,14 +83,19 @@ class TaskContext:
         return kvcompress.make_cache(spec or self.spec, model=self.model)
 
     def text_ids(self) -> torch.Tensor:
-        """The whole text tokenised once (1-D, on CPU)."""
+        """The whole text tokenised once (1-D int64, on CPU)."""
+        if self.tokenizer is None:
+            raise HarnessError(f"task {self.task!r} needs text and a tokenizer; this model has none (a random: "
+                               "model is for speed only); allowed: a real model (--model)")
         if "text" not in self._token_cache:
             ids = self.tokenizer(self.text.text, add_special_tokens=False, return_tensors="pt").input_ids[0]
             self._token_cache["text"] = ids
         return self._token_cache["text"]
 
     def tokens(self, n: int, offset: int = 0) -> torch.Tensor:
-        """Tokens ``[offset, offset+n)`` of the text as a [1, n] tensor on the device."""
+        """Tokens ``[offset, offset+n)`` of the text as a [1, n] int64 tensor on ``self.device``."""
+        if offset < 0:
+            raise HarnessError(f"offset: got {offset}; allowed: an integer >= 0")
         ids = self.text_ids()
         if offset + n > ids.numel():
             raise HarnessError(
@@ -126,12 +142,35 @@ def coerce_param(task: str, key: str, value: Any, default: Any) -> Any:
         raise HarnessError(f"{where}: got {value!r}; allowed: a value like {default!r}") from exc
 
 
+def _check_limit(task: str, key: str, value: Any, low: Any, high: Any) -> None:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if (low is not None and v < low) or (high is not None and v > high):
+            allowed = (f"{low} <= value <= {high}" if low is not None and high is not None
+                       else f">= {low}" if low is not None else f"<= {high}")
+            raise HarnessError(f"--param {task}.{key}: got {value!r}; allowed: {allowed}")
+
+
 def resolve_params(task: Task, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The task's defaults updated by ``overrides``; unknown names are an error listing the known ones."""
+    """The task's defaults updated by ``overrides``; unknown names and values outside ``task.limits`` are
+    an error naming the parameter, the value and what is allowed."""
     params = dict(task.defaults)
     for key, value in overrides.items():
         if key not in params:
             allowed = ", ".join(sorted(params)) or "none"
             raise HarnessError(f"--param {task.name}.{key}: unknown parameter; allowed: {allowed}")
         params[key] = coerce_param(task.name, key, value, task.defaults[key])
+    for key, (low, high) in (getattr(task, "limits", None) or {}).items():
+        if key in params:
+            _check_limit(task.name, key, params[key], low, high)
+    choices = getattr(task, "choices", None) or {}
+    for key, allowed in choices.items():
+        if key in params:
+            values = params[key] if isinstance(params[key], (list, tuple)) else [params[key]]
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise HarnessError(f"--param {task.name}.{key}: got {params[key]!r}; allowed: "
+                                   f"{', '.join(map(str, allowed))}")
     return params

@@ -443,7 +443,7 @@ if AVAILABLE:
         GT: tl.constexpr, GC: tl.constexpr, K_TOKEN: tl.constexpr, SINK: tl.constexpr,
         MASK_KIND: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, ROTATE: tl.constexpr, REDUCE_MAX: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, REPLACE: tl.constexpr,
     ):
         """Each slot's attention of this decode step, reduced over the GQA query heads of its kv head, added
         to the float32 slot state ``ACC`` ``[B * HKV, acap]``: the scores again (keys only) against each
@@ -481,7 +481,8 @@ if AVAILABLE:
                 kz = tl.load(KZ + kp, mask=valid[:, None], other=0.0).to(tl.float32)
                 k = (kc.to(tl.float32) * ks + kz).to(q.dtype)
                 _observe_tile(q, k, s_len + tok, valid, lse, hmask, M, b, stride_mb, stride_ms, BIAS, bh,
-                              stride_bias, ACC, acap, qk_scale, MASK_KIND, DOT_F32, REDUCE_MAX, HAS_BIAS)
+                              stride_bias, ACC, acap, qk_scale, MASK_KIND, DOT_F32, REDUCE_MAX, HAS_BIAS,
+                              REPLACE)
         else:  # the full-precision sink and tail
             total = SINK + w_len
             fbase = bh * capf * D
@@ -491,14 +492,14 @@ if AVAILABLE:
                 slot = tl.where(j < SINK, j, j - SINK + s_len + m_len)
                 k = tl.load(FK + fbase + j[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
                 _observe_tile(q, k, slot, valid, lse, hmask, M, b, stride_mb, stride_ms, BIAS, bh,
-                              stride_bias, ACC, acap, qk_scale, MASK_KIND, DOT_F32, REDUCE_MAX, HAS_BIAS)
+                              stride_bias, ACC, acap, qk_scale, MASK_KIND, DOT_F32, REDUCE_MAX, HAS_BIAS,
+                              REPLACE)
 
     @triton.jit
     def _observe_tile(q, k, slot, valid, lse, hmask, M, b, stride_mb, stride_ms, BIAS, bh, stride_bias, ACC,
                       acap, qk_scale, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
-                      REDUCE_MAX: tl.constexpr,
-                      HAS_BIAS: tl.constexpr):
-        """Add one tile's attention, reduced over the query heads, into ``ACC`` at ``slot``."""
+                      REDUCE_MAX: tl.constexpr, HAS_BIAS: tl.constexpr, REPLACE: tl.constexpr):
+        """Add (or write, ``REPLACE``) one tile's attention, reduced over the query heads, into ``ACC``."""
         if DOT_F32:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -509,7 +510,10 @@ if AVAILABLE:
         p = tl.where(hmask[:, None], tl.exp2(s - lse[:, None]), 0.0)
         col = tl.max(p, 0) if REDUCE_MAX else tl.sum(p, 0)
         aptr = ACC + bh * acap + slot
-        tl.store(aptr, tl.load(aptr, mask=valid, other=0.0) + col, mask=valid)
+        if REPLACE:
+            tl.store(aptr, col, mask=valid)
+        else:
+            tl.store(aptr, tl.load(aptr, mask=valid, other=0.0) + col, mask=valid)
 
 
 def _splits(m: int, batch_heads: int, slots: int) -> tuple[int, int]:
@@ -688,7 +692,8 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
         names = ("HKV", "GQA", "BLOCK_H", "D", "BITS", "GT", "GC", "K_TOKEN", "SINK", "MASK_KIND", "BLOCK_N",
                  "DOT_F32", "ROTATE")
         consts = {name: plan.consts[name] for name in names}
-        consts.update(REDUCE_MAX=accumulate.reduce == "max", HAS_BIAS=bias is not None)
+        consts.update(REDUCE_MAX=accumulate.reduce == "max", HAS_BIAS=bias is not None,
+                      REPLACE=bool(getattr(accumulate, "replace", False)))
         key = (query.device, query.dtype, store.dtype, mask.dtype, "observe", *consts.values())
         t = plan.tensors
         launch(_observe_kernel, plan.grid, key, (

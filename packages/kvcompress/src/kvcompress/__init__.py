@@ -37,7 +37,7 @@ _LAZY = {
     "DenseStore": "store", "Step": "store", "Accumulate": "store", "SlotBuffer": "buffers",
     "attach": "model", "detach": "model", "kv_bytes": "accounting", "capture_attention": "attention",
     "AttentionRecord": "attention", "decode_attention": "attention", "load_weights": "weights",
-    "save_weights": "weights",
+    "save_weights": "weights", "static_generate": "static",
 }
 
 

@@ -94,7 +94,7 @@ if AVAILABLE:
         Q, K, V, M, ACC, OUT, BIAS, n, cap, acap, qk_scale, stride_mb, stride_ms, stride_bias,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         MASK_KIND: tl.constexpr, REDUCE_MAX: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr,
-        OBSERVE: tl.constexpr,
+        OBSERVE: tl.constexpr, REPLACE: tl.constexpr,
     ):
         bh = tl.program_id(0).to(tl.int64)
         b = bh // HKV
@@ -134,7 +134,10 @@ if AVAILABLE:
                 col = tl.max(p, 0) if REDUCE_MAX else tl.sum(p, 0)
                 aptr = ACC + bh * acap + tok
                 live = tok < n
-                tl.store(aptr, tl.load(aptr, mask=live, other=0.0) + col, mask=live)
+                if REPLACE:
+                    tl.store(aptr, col, mask=live)
+                else:
+                    tl.store(aptr, tl.load(aptr, mask=live, other=0.0) + col, mask=live)
 
     @triton.jit(do_not_specialize=["at", "cap", "q", "heads", "stride_b", "stride_h", "stride_t"],
                 do_not_specialize_on_alignment=["SK", "SV"])
@@ -175,20 +178,24 @@ def append_pair(keys: torch.Tensor, values: torch.Tensor, at: int, new_keys: tor
     return True
 
 
+_FUSED: dict = {}
+
+
 def fused_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
                  attention_mask: torch.Tensor | None, scaling: float, bias: torch.Tensor | None = None,
-                 accumulate: tuple[torch.Tensor, str] | None = None) -> torch.Tensor | None:
+                 accumulate: tuple | None = None) -> torch.Tensor | None:
     """Decode attention of ``query`` ``[B, Hq, 1, D]`` over the first ``n`` slots of the contiguous
     buffers ``keys``/``values`` ``[B, H_kv, cap, D]``, plus the per-slot ``bias`` ``[B, H_kv, >= n]``
-    (float32, or None); with ``accumulate = (acc, reduce)`` adds each slot's attention, reduced over the
-    query heads of its kv head by ``reduce`` ("sum" or "max"), into ``acc`` ``[B, H_kv, >= n]`` (float32).
+    (float32, or None); with ``accumulate = (acc, reduce[, replace])`` adds each slot's attention, reduced
+    over the query heads of its kv head by ``reduce`` ("sum" or "max"), into ``acc`` ``[B, H_kv, >= n]``
+    (float32), or writes it there with ``replace``.
 
     Returns the output ``[B, 1, Hq, D]``, or ``None`` where the kernel does not apply (the caller
     then uses torch ops).
     """
     b, hq, q, d = query.shape
     hkv, cap = keys.shape[1], keys.shape[2]
-    acc, reduce = accumulate if accumulate is not None else (None, "sum")
+    acc, reduce, replace = (*accumulate, False)[:3] if accumulate is not None else (None, "sum", False)
     if (not (AVAILABLE and ENABLED) or (query.device.type != "cuda" and not INTERPRET) or q != 1 or hq % hkv
             or d & (d - 1) or d < 16 or not (keys.is_contiguous() and values.is_contiguous())
             or keys.dtype != query.dtype
@@ -205,12 +212,17 @@ def fused_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     mask_kind, mask, smb, sms = decode_mask
     if not query.is_contiguous():
         query = query.contiguous()
-    g = hq // hkv
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
-    consts = dict(HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=BLOCK_N,
-                  MASK_KIND=mask_kind, REDUCE_MAX=reduce == "max", DOT_F32=query.dtype == torch.float32,
-                  HAS_BIAS=bias is not None, OBSERVE=acc is not None)
-    key = (query.device, query.dtype, mask.dtype, *consts.values())
+    spec = (query.device, query.dtype, mask.dtype, hkv, hq, d, mask_kind, reduce, bias is not None, acc is not None,
+            bool(replace))
+    hit = _FUSED.get(spec)  # the launch constants of this kind of call, built once (a decode step is host-bound)
+    if hit is None:
+        g = hq // hkv
+        consts = dict(HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=BLOCK_N,
+                      MASK_KIND=mask_kind, REDUCE_MAX=reduce == "max", DOT_F32=query.dtype == torch.float32,
+                      HAS_BIAS=bias is not None, OBSERVE=acc is not None, REPLACE=bool(replace))
+        hit = _FUSED[spec] = ((query.device, query.dtype, mask.dtype, *consts.values()), consts)
+    key, consts = hit
     launch(_observed_decode_kernel, (b * hkv,), key,
            (query, keys, values, mask, acc if acc is not None else out, out, bias if bias is not None else out,
             n, cap, acc.shape[2] if acc is not None else 0, scaling * LOG2E, smb, sms,

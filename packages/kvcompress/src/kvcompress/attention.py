@@ -23,8 +23,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import _kernels, _prefill_kernels
 from .layer import CompressedLayer, current
-from .store import Accumulate
 
 NAME = "kvcompress"
 QUERY_CHUNK = 256  # queries per chunk when a prompt's attention weights are observed
@@ -83,7 +83,10 @@ def _weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
     if bias is not None:
         scores = scores + bias[:, :, None, None, :]
     if mask is not None:
-        scores = scores + _mask_bias(mask[:, :, start:stop]).unsqueeze(1)
+        bias_rows = _mask_bias(mask[:, :, start:stop])
+        if mask.dtype != torch.bool:  # "-min" is masked: a padding query that sees nothing observes nothing
+            bias_rows = bias_rows.masked_fill(bias_rows <= torch.finfo(bias_rows.dtype).min / 2, float("-inf"))
+        scores = scores + bias_rows.unsqueeze(1)
     elif q_total > 1:  # sdpa's implicit causal mask, bottom-right aligned
         qpos = torch.arange(start, stop, device=key.device).view(-1, 1) + (s - q_total)
         scores = scores.masked_fill(torch.arange(s, device=key.device).view(1, -1) > qpos, float("-inf"))
@@ -177,17 +180,15 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         return out
     current.layer = None
     layer.returned_keys = None  # don't pin a decoded copy (a quantized store's) past this call
+    if layer.static is not None:
+        return _static_attention(layer, query, key, value, scaling), None
     q = query.shape[2]
     policy = layer.selection
     observe = policy.needs_attention
     bias = layer.bias_view()
     new_valid = _new_valid(attention_mask, q)
     if q == 1 and not capturing:
-        accumulate = None
-        if observe:
-            acc = policy.accumulated_attention()
-            if acc is not None:
-                accumulate = Accumulate(layer.slots.tensors[acc[0]], acc[1])
+        accumulate = layer.accumulate() if observe else None
         if not observe or accumulate is not None:
             out = layer.store.attend(query, attention_mask, scaling, bias=bias, accumulate=accumulate)
             if out is not None:  # the store attended (and observed) from its own form
@@ -207,7 +208,14 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         chunks = [(0, 1, weights)]
     else:
         out = _sdpa(module, query, key, value, attention_mask, dropout, scaling, bias, kwargs)
-        chunks = ((i, min(i + QUERY_CHUNK, q), None) for i in range(0, q, QUERY_CHUNK))
+        needed = q if capturing else min(q, policy.observed_queries(q))
+        acc = layer._acc_spec
+        if (needed == q and not capturing and acc is not None and (len(acc) < 3 or acc[2] != "set")
+                and _prefill_kernels.prompt_observe(query, key, attention_mask, scaling, bias,
+                                                    layer.slots.tensors[acc[0]], acc[1])):
+            layer.finish_attention(new_valid, query)  # each slot's prompt attention added in two kernel passes
+            return out, None
+        chunks = ((i, min(i + QUERY_CHUNK, q), None) for i in range(q - needed, q, QUERY_CHUNK))
     table = layer.slots.tensors["positions"]  # the new tokens' slots: [n - q, n)
     first = layer.slots.length - q
     ctx = layer.context(query, q) if observe else None
@@ -220,6 +228,29 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
             _record(layer.layer_idx, weights, layer.slots.view("positions").clone())
     layer.finish_attention(new_valid, query, ctx)
     return out, None
+
+
+def _static_attention(layer: CompressedLayer, query, key, value, scaling) -> torch.Tensor:
+    """A decode step over a layer's whole fixed capacity (kvcompress.static_generate): the bias masks empty
+    slots and padding, the model's mask is not needed; observation goes into the policy's state in place.
+    Graph-safe: no host reads of device values, no allocation that depends on them."""
+    bias = layer.slots.tensors["bias"]
+    acc = layer._acc_spec
+    state = layer.slots.tensors[acc[0]] if acc is not None else None
+    cap = key.shape[2]
+    fused = (state, acc[1], len(acc) > 2 and acc[2] == "set") if acc is not None else None
+    out = _kernels.fused_decode(query, key, value, cap, None, scaling, bias, fused)
+    if out is None:
+        out, weights = decode_attention(query, key, value, None, scaling, bias)
+        if acc is not None:
+            reduced = (weights.amax(2) if acc[1] == "max" else weights.sum(2)).sum(2).float()  # [B, H, cap]
+            if len(acc) > 2 and acc[2] == "set":
+                state.copy_(reduced)
+            else:
+                state.add_(reduced)
+    layer.awaiting_attention = False
+    layer.static.count.add_(1)
+    return out
 
 
 _REGISTERED = False

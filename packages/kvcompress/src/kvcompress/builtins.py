@@ -38,6 +38,15 @@ class Full(Policy):
 
 
 @dataclass
+class Dense(Full):
+    """No compression, in kvcompress's own layer: every token kept in the model's dtype, written in place
+    (no per-step copy of the whole cache as transformers' DynamicCache does), so the same decode path as the
+    compressing policies, CUDA graphs included."""
+
+    name: ClassVar[str] = "dense"
+
+
+@dataclass
 class Window(SelectionPolicy):
     """Sliding window: keep the most recent `budget` tokens."""
 
@@ -78,9 +87,26 @@ class Random(SelectionPolicy):
         return torch.rand(ctx.positions.shape, generator=ctx.bound, device=ctx.positions.device)
 
 
+@dataclass
+class KeyDiff(SelectionPolicy):
+    """KeyDiff (2025): keep the keys least like the mean key direction (attention-free, any attention kernel)."""
+
+    name: ClassVar[str] = "keydiff"
+
+    def score(self, ctx: SlotContext) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        keys = F.normalize(ctx.keys.float(), dim=-1)
+        valid = ctx.valid.unsqueeze(-1)
+        anchor = F.normalize((keys * valid).sum(2), dim=-1)  # the mean direction of the real keys
+        return -(keys * anchor.unsqueeze(2)).sum(-1)  # far from it: distinctive, kept
+
+
 @hookimpl
 def register_policies(register) -> None:
     register(Full)
+    register(Dense)
     register(Window)
     register(Sink)
     register(Random)
+    register(KeyDiff)

@@ -135,6 +135,6 @@ def make_cache(spec: str, model: Any = None, **params: Any) -> Cache:
         )
     if model is not None:
         attach(model, inputs=needs_inputs)
-    if isinstance(selection, Full) and representation is None:
+    if type(selection) is Full and representation is None:
         return FullCache(model=model)
     return CompressedCache(selection, representation, model=model)

@@ -73,7 +73,8 @@ class LayerInfo:
         are ``k * cos + rotate_half(k) * sin``; :mod:`kvcompress.rope` undoes and redoes it."""
         if self.model.rope is None:
             return None
-        return self.model.rope(positions)
+        cos, sin = self.model.rope(positions)
+        return cos.to(self.device), sin.to(self.device)  # a model split over devices: where this layer lives
 
 
 class SlotContext:
@@ -143,15 +144,37 @@ class SlotContext:
             )
         return self._hidden
 
-    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
-        """Keep-indices ``[B, H_kv, min(k, S)]`` (ascending) of the top ``k`` of ``scores`` ``[B, H_kv, S]``,
-        after the policy's protected tokens (the first ``sink`` real tokens, the last ``recent`` slots) and
-        below every real token, padding. NaN scores count as 0."""
+    def select_adaptive(self, scores: torch.Tensor, k: int, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """AdaKV-style selection: the heads of a batch row share ``H * k`` live slots by score, each head
+        keeping between ``ceil(k / spread)`` and ``min(S, ceil(k * spread))``. Returns ``(keep, live)``, both
+        ``[B, H_kv, K]`` with ``K = min(S, ceil(k * spread))``: ``keep`` ascending as from :meth:`select`,
+        ``live`` False for the slots a head holds but does not use (the plan masks them with bias -inf)."""
+        import math
+
+        import torch
+
+        n = scores.shape[-1]
+        kmax = min(n, math.ceil(k * spread))
+        floor = min(kmax, math.ceil(k / spread))
+        ranked = self.select(scores, kmax)  # ascending indices of each head's top kmax
+        scores = scores.float().nan_to_num(0.0, 1e30, -1e30)
+        b, h, _ = ranked.shape
+        top = self._protected_scores(scores).gather(2, ranked)  # [B, H, kmax]
+        order = top.argsort(dim=-1, descending=True)
+        rank = order.argsort(dim=-1)  # 0 = the head's best
+        forced = rank < floor
+        pool = torch.where(forced, float("inf"), top).reshape(b, h * kmax)
+        take = min(h * k, h * kmax)
+        chosen = torch.zeros_like(pool, dtype=torch.bool)
+        chosen.scatter_(1, pool.topk(take, dim=-1).indices, True)
+        return ranked, chosen.view(b, h, kmax) | forced
+
+    def _protected_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` with the protected tokens at +inf and padding at -inf (what :meth:`select` ranks)."""
         import torch
 
         policy = self._layer.selection
         n = scores.shape[-1]
-        scores = scores.float().nan_to_num(0.0, 1e30, -1e30)
         valid = self.valid
         protected = torch.zeros_like(valid)
         if policy.sink:
@@ -159,5 +182,12 @@ class SlotContext:
             protected |= rank <= policy.sink
         if policy.recent:
             protected[..., max(n - policy.recent, 0):].fill_(True)
-        scores = scores.masked_fill(protected & valid, float("inf")).masked_fill(~valid, float("-inf"))
+        return scores.masked_fill(protected & valid, float("inf")).masked_fill(~valid, float("-inf"))
+
+    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """Keep-indices ``[B, H_kv, min(k, S)]`` (ascending) of the top ``k`` of ``scores`` ``[B, H_kv, S]``,
+        after the policy's protected tokens (the first ``sink`` real tokens, the last ``recent`` slots) and
+        below every real token, padding. NaN scores count as 0."""
+        n = scores.shape[-1]
+        scores = self._protected_scores(scores.float().nan_to_num(0.0, 1e30, -1e30))
         return scores.topk(min(k, n), dim=-1, sorted=False).indices.sort(dim=-1).values

@@ -13,7 +13,7 @@ from .context import LayerInfo, ModelInfo, SlotContext
 from .errors import AttentionNotAttachedError, CacheReuseError
 from .plan import Plan
 from .policy import SelectionPolicy
-from .store import DenseStore, Step
+from .store import Accumulate, DenseStore, Step
 
 # The layer whose ``update`` ran last in this thread: the attention call that follows is its own.
 current = threading.local()
@@ -57,9 +57,15 @@ class CompressedLayer(CacheLayerMixin):
         self.awaiting_attention = False
         self.evictions = 0
         self.frozen = False  # True: no eviction until unfrozen (see CompressedCache.freeze)
+        self.static = None  # set by kvcompress.static_generate: a fixed layout for CUDA-graph decode steps
         self.padded = False  # a padding mask was seen: padding may sit in some rows' slots
         self._shared_keep: dict[tuple[int, int], torch.Tensor] = {}
         self._on_tokens = getattr(type(selection), "on_tokens", None) not in (None, SelectionPolicy.on_tokens)
+        self._needs_rope = bool(getattr(representation, "needs_rope", False))
+        self._spread = getattr(selection, "adaptive", 1.0)
+        acc = selection.accumulated_attention() if getattr(selection, "needs_attention", False) else None
+        self._acc_spec = acc  # (state, reduce[, "set"]) or None: asked once, not per step
+        self._acc: Accumulate | None = None
 
     # -- transformers' layer contract ----------------------------------------------------------------
     @property
@@ -103,12 +109,37 @@ class CompressedLayer(CacheLayerMixin):
             self.store = rep.make_store(LayerInfo(**base, shared=shared.get("representation")))
         self.is_initialized = True
 
+    def _kept(self, target: int) -> int:
+        """Slots held right after an eviction to ``target`` (more with adaptive budgets)."""
+        return target if self._spread == 1.0 else self.selection.kept_slots(target)
+
     def _capacity(self) -> int | None:
         """The most slots this layer holds between evictions (``None``: no fixed bound)."""
         target = self.selection.target(self.seen)
-        return None if target is None or self.selection.ratio_driven else target + self.selection.step
+        if target is None or self.selection.ratio_driven:
+            return None
+        return self._kept(target) + self.selection.step
+
+    def accumulate(self) -> Accumulate | None:
+        """Where a fused decode kernel puts the policy's observation (``accumulated_attention()``), or None;
+        made again only when the slot table reallocates."""
+        spec = self._acc_spec
+        if spec is None:
+            return None
+        into = self.slots.tensors[spec[0]]
+        acc = self._acc
+        if acc is None or acc.into is not into:
+            acc = self._acc = Accumulate(into, spec[1], len(spec) > 2 and spec[2] == "set")
+        return acc
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static is not None:  # a decode step over the fixed layout (graph-safe: device-side only)
+            self.static.append(key_states, value_states)
+            buf = self.store.buf.tensors
+            self.returned_keys = buf["keys"]
+            self.awaiting_attention = True
+            current.layer = self
+            return buf["keys"], buf["values"]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_attention and (self.selection.target(self.seen) is not None
@@ -124,11 +155,14 @@ class CompressedLayer(CacheLayerMixin):
             self.slots.length += q  # positions, validity, state and bias of free slots are pre-filled
         else:
             self._append_slots(b, h, q, key_states.device, cap)
-        inputs = _captured_inputs(self.layer_idx)
-        cos, sin = inputs.get("rope", (None, None))
-        self.store.append(key_states, value_states, Step(start=self.seen, cap=cap, cos=cos, sin=sin))
+        if self._needs_rope:
+            cos, sin = _captured_inputs(self.layer_idx).get("rope", (None, None))
+            self.store.append(key_states, value_states, Step(self.seen, cap, cos, sin))
+        else:
+            self.store.append(key_states, value_states, Step(self.seen, cap))
         self.seen += q
-        stand_ins = None if self.selection.needs_attention else self.store.stand_ins()
+        # stand-ins when the store will attend: always, unless the policy observes what no kernel can
+        stand_ins = None if self.selection.needs_attention and self._acc_spec is None else self.store.stand_ins()
         keys, values = stand_ins if stand_ins is not None else self.store.keys_values()
         self.dense_returned = stand_ins is None
         self.returned_keys = keys
@@ -162,6 +196,8 @@ class CompressedLayer(CacheLayerMixin):
             t[name][:, :, n:].fill_(0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static is not None:  # the whole capacity is attended; the bias masks empty slots
+            return self.slots.capacity, 0
         if query_length == 0 and self.seen:
             raise CacheReuseError(
                 f"this cache already holds {self.seen} tokens of an earlier prompt and was given none new; "
@@ -252,21 +288,22 @@ class CompressedLayer(CacheLayerMixin):
             if ctx is None or ctx.queries is None:
                 ctx = self.context(queries, q)
             self.selection.on_tokens(ctx)
-        self.maybe_evict()
+        self.maybe_evict(new=q)
 
-    def maybe_evict(self, force: bool = False) -> None:
+    def maybe_evict(self, force: bool = False, new: int = 0) -> None:
         """Evict down to the policy's target once ``step`` slots beyond it have accumulated (``force``:
-        whenever the layer holds more than the target), unless the layer is frozen."""
+        whenever the layer holds more than the target), unless the layer is frozen. ``new``: the tokens of
+        the forward just attended (``ctx.new`` in the plan), 0 between forwards."""
         target = self.selection.target(self.seen)
         if target is None or self.frozen or not self.is_initialized:
             return
-        if self.slots.length < target + (1 if force else self.selection.step):
+        if self.slots.length < self._kept(target) + (1 if force else self.selection.step):
             return
         n = self.slots.length
         if self.selection.positional and not self.padded and "bias" not in self.slots.tensors:
             self._keep(self._positional_keep(n, target))
         else:
-            plan = self.selection.plan(self.context(), target)
+            plan = self.selection.plan(self.context(new=new), target)
             self._apply(plan, target)
         self.evictions += 1
         cap = self._capacity()
@@ -282,9 +319,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def _apply(self, plan: Plan, target: int) -> None:
         """Apply ``plan`` to the slot table and the store, in one place."""
-        if plan.size > target:
+        if plan.size > self._kept(target):
             raise ValueError(
-                f"{self.selection.name}: its plan keeps {plan.size} slots; allowed: at most the target {target}"
+                f"{self.selection.name}: its plan keeps {plan.size} slots; allowed: at most the target "
+                f"{self._kept(target)}"
             )
         simple = plan.keys is None and plan.bias is None and not plan.states and plan.added is None
         if simple:

@@ -96,6 +96,10 @@ class SelectionPolicy(Policy):
     sink: int = param(0, min=0, help="first tokens always kept")
     recent: int = param(0, min=0, help="last tokens always kept")
     step: int = param(1, min=1, help="evict every `step` tokens (amortises the gather)")
+    adaptive: float = param(1.0, min=1.0, max=8.0,
+                            help="per-head adaptive budgets (AdaKV): a layer's heads share heads x budget slots "
+                                 "by score, each keeping between budget/adaptive and budget*adaptive (the slots a "
+                                 "head does not use are masked and still held); 1: every head keeps budget")
 
     @classmethod
     def from_params(cls, **params: Any) -> Policy:
@@ -124,6 +128,11 @@ class SelectionPolicy(Policy):
             return max(math.ceil(self.ratio * seen), self.sink + self.recent, 1)
         return self.budget
 
+    def kept_slots(self, target: int) -> int:
+        """Slots a layer holds right after an eviction to ``target`` tokens (more than ``target`` only with
+        ``adaptive``: the heads' unused slots)."""
+        return math.ceil(target * self.adaptive) if self.adaptive > 1.0 else target
+
     def bind(self, layer: LayerInfo) -> Any:
         """Called once per layer, at its first update: return the layer's own state (counters, generators,
         weights sliced for this layer, running statistics...). It is ``ctx.bound`` in every later call for
@@ -136,6 +145,11 @@ class SelectionPolicy(Policy):
         ``needs_hidden_states``) are this step's. Write per-slot state for the new slots
         (``ctx.state[name][..., -ctx.new:]``) or update ``ctx.bound``. Not overriding it costs nothing."""
 
+    def observed_queries(self, q: int) -> int:
+        """How many of the last queries of a ``q``-token forward :meth:`observe` needs (default: all). The core
+        computes attention weights for those only (TOVA: the last one)."""
+        return q
+
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         """Called with attention weights ``[B, H_kv, G, q, S]`` (G query heads per kv head) when
         ``needs_attention``; update ``ctx.state`` in place.
@@ -144,11 +158,13 @@ class SelectionPolicy(Policy):
         as eager attention rounds them, so accumulate them with ``dtype=torch.float32`` where it matters.
         """
 
-    def accumulated_attention(self) -> tuple[str, str] | None:
-        """``(state, reduce)`` when :meth:`observe` only adds, into the float32 slot state ``state``, the
-        attention each slot receives, reduced over the G query heads of its kv head by ``reduce`` ("sum"
-        or "max") and summed over queries. A store may then do that inside its decode kernel instead of
-        the core calling :meth:`observe` (decode steps on a GPU). ``None``: always observe.
+    def accumulated_attention(self) -> tuple[str, ...] | None:
+        """``(state, reduce)`` when, for a decode step, :meth:`observe` only adds into the float32 slot state
+        ``state`` the attention each slot receives, reduced over the G query heads of its kv head by
+        ``reduce`` ("sum" or "max"); ``(state, reduce, "set")`` when it writes that instead of adding (the
+        latest query's attention). A store may then do that inside its decode kernel instead of the core
+        calling :meth:`observe` (decode steps on a GPU). When it adds and :meth:`observed_queries` is every
+        query, a prompt's observation may be fused too (no weights materialised). ``None``: always observe.
         """
         return None
 
@@ -163,6 +179,9 @@ class SelectionPolicy(Policy):
         (:func:`kvcompress.merge_into` builds the common weighted-mean merge)."""
         from .plan import Plan
 
+        if self.adaptive > 1.0:
+            keep, live = ctx.select_adaptive(self.score(ctx), target, self.adaptive)
+            return Plan(keep=keep, bias=live.float().log())  # the slots a head does not use: bias -inf
         return Plan(keep=ctx.select(self.score(ctx), target))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,33 +14,36 @@ if TYPE_CHECKING:  # pragma: no cover
     from .context import LayerInfo
 
 
-@dataclass(frozen=True)
 class Step:
     """What :meth:`KVStore.append` learns about the tokens it receives.
 
     ``start``: absolute position of the first new token (positions run ``start .. start+q-1``).
     ``cos``/``sin``: the RoPE the model applied to these keys, ``[B or 1, q, D]``, when the attention
-    layer received them (models with RoPE, caches made with ``model=``); else ``None``: use
+    layer received them (stores with ``needs_rope``, caches made with ``model=``); else ``None``: use
     ``LayerInfo.rope(positions)``. ``cap``: the most slots the layer will hold (``None``: unbounded).
+    A plain slotted class: one is made per layer and decode step, so it must cost next to nothing.
     """
 
-    start: int
-    cap: int | None = None
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
+    __slots__ = ("start", "cap", "cos", "sin")
+
+    def __init__(self, start: int, cap: int | None = None, cos: torch.Tensor | None = None,
+                 sin: torch.Tensor | None = None) -> None:
+        self.start, self.cap, self.cos, self.sin = start, cap, cos, sin
 
     def positions(self, q: int, device: torch.device) -> torch.Tensor:
         """The new tokens' positions ``[q]`` (int64)."""
         return torch.arange(self.start, self.start + q, device=device)
 
 
-@dataclass(frozen=True)
 class Accumulate:
     """Where a fused decode kernel adds each slot's attention: the float32 slot state ``into``
-    ``[B, H_kv, >= S]`` and how the G query heads of a kv head combine (``reduce``: "sum" or "max")."""
+    ``[B, H_kv, >= S]``, how the G query heads of a kv head combine (``reduce``: "sum" or "max"), and
+    whether the step's attention replaces what is there instead of adding to it (``replace``)."""
 
-    into: torch.Tensor
-    reduce: str
+    __slots__ = ("into", "reduce", "replace")
+
+    def __init__(self, into: torch.Tensor, reduce: str, replace: bool = False) -> None:
+        self.into, self.reduce, self.replace = into, reduce, replace
 
 
 class KVStore(ABC):
@@ -160,6 +162,6 @@ class DenseStore(KVStore):
         if bias is None and accumulate is None:
             return None  # sdpa is as fast
         buf = self.buf.tensors
-        acc = (accumulate.into, accumulate.reduce) if accumulate is not None else None
+        acc = (accumulate.into, accumulate.reduce, accumulate.replace) if accumulate is not None else None
         return _kernels.fused_decode(query, buf["keys"], buf["values"], self.buf.length, attention_mask,
                                      scaling, bias, acc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..decoding import greedy
 from ..metrics import bleu, first_divergence, rouge_l, token_match_rate
 from ..task import TaskContext
 from .common import kv_bytes, mean
@@ -18,9 +17,13 @@ class AgreementTask:
     higher_is_better = True
     default_lengths = (512, 1024)
     defaults: ClassVar[dict[str, Any]] = {"prompts": 2, "new_tokens": 32}
+    limits: ClassVar[dict[str, tuple]] = {"prompts": (1, None), "new_tokens": (1, None)}
+    labels: ClassVar[dict[str, str]] = {"token_match": "greedy tokens equal to full's (fraction)"}
 
     def run(self, ctx: TaskContext) -> dict[str, Any]:
         """``prompts`` windows of ``length`` text tokens, each continued greedily by both caches."""
+        from ..decoding import greedy
+
         new = int(ctx.params["new_tokens"])
         total = ctx.text_ids().numel()
         n = int(ctx.params["prompts"])

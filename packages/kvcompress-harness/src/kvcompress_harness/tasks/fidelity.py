@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from ..decoding import forward, prefill
 from ..metrics import distribution_distances, next_token_kl
 from ..task import TaskContext
 from .common import kv_bytes, mean
 
+if TYPE_CHECKING:
+    import torch
+
 
 def _dense(weights: torch.Tensor, positions: torch.Tensor, size: int) -> torch.Tensor:
     """Scatter weights [B, Hq, S_kept] over key positions [B, Hkv, S_kept] into [B, Hq, size]."""
+    import torch
+
     b, hq, _ = weights.shape
     group = hq // positions.shape[1]
     pos = positions.repeat_interleave(group, dim=1).long()
@@ -26,6 +28,8 @@ def _dense(weights: torch.Tensor, positions: torch.Tensor, size: int) -> torch.T
 def _teacher_forced(ctx: TaskContext, ids: torch.Tensor, spec: str, steps: int) -> tuple[list, list, int]:
     """Per-step last logits and attention (layer -> [B, Hq, S_seen]) while feeding the last ``steps`` tokens."""
     import kvcompress
+
+    from ..decoding import forward, prefill
 
     cache = ctx.make_cache(spec)
     prefill(ctx.model, ids[:, :-steps], cache, chunk=ctx.chunk)
@@ -49,9 +53,13 @@ class FidelityTask:
     higher_is_better = False
     default_lengths = (512, 1024)
     defaults: ClassVar[dict[str, Any]] = {"steps": 16}
+    limits: ClassVar[dict[str, tuple]] = {"steps": (1, None)}
+    labels: ClassVar[dict[str, str]] = {"next_token_kl": "next-token KL from full (nats, lower is better)"}
 
     def run(self, ctx: TaskContext) -> dict[str, Any]:
         """KL(full || policy) of next-token distributions and attention distances for the last ``steps``."""
+        import torch
+
         steps = int(ctx.params["steps"])
         ids = ctx.tokens(ctx.length)
         ref_logits, ref_attn, _ = ctx.remember(("fidelity", ctx.length, steps, ctx.chunk),

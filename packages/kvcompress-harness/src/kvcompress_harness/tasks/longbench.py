@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..data import hub_reachable, offline
-from ..decoding import greedy
 from ..errors import DataError
 from ..metrics import longbench_qa_f1
 from ..task import TaskContext
-from .common import kv_bytes, mean
+from .common import mean
+from .prompts import split_prompt
+from .retrieval import COMPRESS_MODES, answer
 
 _NO_EXPLAIN = "using a single phrase if possible. Do not provide any explanation."
 _QASPER_RULES = (
@@ -87,18 +88,27 @@ def load_samples(name: str, path: str, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
-def build_prompt(tokenizer: Any, name: str, row: dict[str, Any], max_length: int, chat: bool) -> str:
-    """LongBench's prompt, truncated in the middle to ``max_length`` tokens, chat-formatted when ``chat``."""
-    prompt = PROMPTS[name].format(context=row["context"], input=row["input"])
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    if len(ids) > max_length:
-        half = max_length // 2
-        prompt = tokenizer.decode(ids[:half], skip_special_tokens=True) + \
-            tokenizer.decode(ids[-half:], skip_special_tokens=True)
-    if chat and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-    return prompt
+def build_prompt(tokenizer: Any, name: str, row: dict[str, Any], max_length: int) -> tuple[str, str]:
+    """LongBench's prompt with its context truncated in the middle so the whole prompt fits ``max_length``
+    tokens, and the question that ends it (the template's text after the context, kept whole).
+
+    LongBench cuts the middle of the whole prompt; cutting the middle of the context instead keeps the same
+    text whenever the instructions and the question are shorter than half the length (always, at LongBench's
+    lengths) and keeps the question whole, which ``--compress context`` needs.
+    """
+    head_t, tail_t = PROMPTS[name].split("{context}", 1)
+    head, question = head_t.format(input=row["input"]), tail_t.format(input=row["input"])
+    room = max_length - len(tokenizer(head + question, add_special_tokens=False).input_ids)
+    if room < 2:
+        raise DataError(f"longbench {name}: --length {max_length} leaves no room for the context after the "
+                        f"instructions and the question; allowed: a longer --length")
+    ids = tokenizer(row["context"], add_special_tokens=False).input_ids
+    context = row["context"]
+    if len(ids) > room:
+        half = room // 2
+        context = tokenizer.decode(ids[:half], skip_special_tokens=True) + \
+            tokenizer.decode(ids[-(room - half):], skip_special_tokens=True)
+    return head + context + question, question
 
 
 class LongBenchTask:
@@ -110,6 +120,9 @@ class LongBenchTask:
     default_lengths = (1024, 2048)
     defaults: ClassVar[dict[str, Any]] = {"subsets": ("narrativeqa", "qasper", "multifieldqa_en"), "samples": 5,
                                 "path": "", "chat": True, "max_new_tokens": 0}
+    limits: ClassVar[dict[str, tuple]] = {"samples": (1, None), "max_new_tokens": (0, None)}
+    compress_modes = COMPRESS_MODES
+    labels: ClassVar[dict[str, str]] = {"f1": "QA F1 (0-100)"}
 
     def run(self, ctx: TaskContext) -> dict[str, Any]:
         """Greedy answers to the first ``samples`` questions of each subset, prompts cut to ``length``."""
@@ -122,13 +135,12 @@ class LongBenchTask:
             new = int(ctx.params["max_new_tokens"]) or MAX_NEW[name]
             f1s = []
             for row in rows:
-                prompt = build_prompt(ctx.tokenizer, name, row, ctx.length, bool(ctx.params["chat"]))
-                ids = ctx.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-                cache = ctx.make_cache()
-                gen = greedy(ctx.model, ids.to(ctx.device), cache, new, chunk=ctx.chunk,
-                             eos_token_id=ctx.tokenizer.eos_token_id)
-                answer = ctx.tokenizer.decode(gen.tokens, skip_special_tokens=True)
-                f1s.append(longbench_qa_f1(answer, row["answers"]))
-                kv.append(kv_bytes(cache))
+                text, question = build_prompt(ctx.tokenizer, name, row, ctx.length)
+                prompt = split_prompt(ctx.tokenizer, text, question, ctx.device, chat=bool(ctx.params["chat"]) and
+                                      getattr(ctx.tokenizer, "chat_template", None) is not None)
+                tokens, held = answer(ctx, prompt, new, eos_token_id=ctx.tokenizer.eos_token_id)
+                reply = ctx.tokenizer.decode(tokens, skip_special_tokens=True)
+                f1s.append(longbench_qa_f1(reply, row["answers"]))
+                kv.append(held["kv_bytes"])
             scores[name] = 100 * (mean(f1s) or 0.0)
         return {"f1": mean(list(scores.values())), "by_subset": scores, "kv_bytes": max(kv) if kv else 0}

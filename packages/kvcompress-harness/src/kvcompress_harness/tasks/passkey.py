@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..decoding import greedy
 from ..task import TaskContext
-from .common import kv_bytes, mean
-from .prompts import encode, first_number, fit_units
+from .common import mean
+from .prompts import first_number, fit_units, split_prompt
+from .retrieval import COMPRESS_MODES, answer
 
 HEAD = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.\n")
@@ -24,27 +24,29 @@ class PasskeyTask:
     higher_is_better = True
     default_lengths = (512, 1024, 2048)
     defaults: ClassVar[dict[str, Any]] = {"depths": (0.0, 0.25, 0.5, 0.75, 1.0), "trials": 1, "new_tokens": 8,
-                                "chat": False}
+                                          "chat": False}
+    limits: ClassVar[dict[str, tuple]] = {"depths": (0.0, 1.0), "trials": (1, None), "new_tokens": (1, None)}
+    compress_modes = COMPRESS_MODES
+    labels: ClassVar[dict[str, str]] = {"accuracy": "pass keys found (fraction)"}
 
     def run(self, ctx: TaskContext) -> dict[str, Any]:
         """Greedy answer per (depth, trial); correct when its first number is the key."""
         rng = ctx.rng()
         per_depth: dict[str, float] = {}
-        hits, prompt_tokens, kv = [], [], []
+        hits, prompt_tokens, kv, held = [], [], [], {}
         for depth in ctx.params["depths"]:
             depth_hits = []
             for _ in range(int(ctx.params["trials"])):
                 key = str(rng.randint(10000, 99999))
                 units = [FILLER] * (ctx.length // 4 + 8)
-                prompt = fit_units(ctx.tokenizer, HEAD, units, FACT.format(key=key), TAIL, ctx.length, depth)
-                ids = encode(ctx.tokenizer, prompt, ctx.device, chat=bool(ctx.params["chat"]))
-                cache = ctx.make_cache()
-                gen = greedy(ctx.model, ids, cache, int(ctx.params["new_tokens"]), chunk=ctx.chunk)
-                answer = ctx.tokenizer.decode(gen.tokens, skip_special_tokens=True)
-                depth_hits.append(float(first_number(answer) == key))
-                prompt_tokens.append(ids.shape[1])
-                kv.append(kv_bytes(cache))
+                text = fit_units(ctx.tokenizer, HEAD, units, FACT.format(key=key), TAIL, ctx.length, depth)
+                prompt = split_prompt(ctx.tokenizer, text, TAIL, ctx.device, chat=bool(ctx.params["chat"]))
+                tokens, held = answer(ctx, prompt, int(ctx.params["new_tokens"]))
+                reply = ctx.tokenizer.decode(tokens, skip_special_tokens=True)
+                depth_hits.append(float(first_number(reply) == key))
+                prompt_tokens.append(prompt.length)
+                kv.append(held["kv_bytes"])
             per_depth[f"{float(depth):g}"] = mean(depth_hits)
             hits.extend(depth_hits)
         return {"accuracy": mean(hits), "by_depth": per_depth, "trials": len(hits),
-                "prompt_tokens": mean(prompt_tokens), "kv_bytes": max(kv)}
+                "prompt_tokens": mean(prompt_tokens), **held, "kv_bytes": max(kv)}

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-import torch.nn.functional as F
-
-from ..decoding import prefill
 from ..metrics import perplexity
 from ..task import TaskContext
 from .common import kv_bytes
@@ -21,9 +17,16 @@ class PerplexityTask:
     higher_is_better = False
     default_lengths = (512, 1024)
     defaults: ClassVar[dict[str, Any]] = {"offset": 0}
+    limits: ClassVar[dict[str, tuple]] = {"offset": (0, None)}
+    labels: ClassVar[dict[str, str]] = {"ppl": "perplexity (lower is better)"}
 
     def run(self, ctx: TaskContext) -> dict[str, Any]:
         """NLL of tokens 1..L-1 of the first L tokens of the text, fed in chunks of ``ctx.chunk``."""
+        import torch
+        import torch.nn.functional as F
+
+        from ..decoding import prefill
+
         chunk = ctx.chunk or 1
         ids = ctx.tokens(ctx.length, offset=int(ctx.params["offset"]))
         cache = ctx.make_cache()
@@ -31,7 +34,7 @@ class PerplexityTask:
         count = 0
         peak_kv = 0
 
-        def score(start: int, end: int, logits: torch.Tensor) -> None:
+        def score(start: int, end: int, logits: Any) -> None:
             nonlocal total, count, peak_kv
             targets = ids[0, start + 1:end + 1]
             if targets.numel():

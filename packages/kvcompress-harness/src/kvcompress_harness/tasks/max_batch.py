@@ -1,0 +1,95 @@
+"""``max_batch``: the largest batch that fits at a context length, with the policy's cache.
+
+Batches double from ``start`` until one runs out of memory (or ``limit`` is reached), then bisect
+between the last that fit and the first that did not. A batch fits when its prefill and ``new_tokens``
+decode steps finish. ``allocator_peak_bytes`` is the CUDA allocator's peak at that batch, weights included.
+An out-of-memory error is a result here, not a failure: each attempt is recorded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, ClassVar
+
+from ..task import TaskContext
+from .common import kv_bytes
+from .inputs import batch_ids, cudnn_sdpa, is_oom, release
+
+
+class MaxBatchTask:
+    """Largest batch that fits at the length (doubling, then bisection); decode tokens/s there."""
+
+    name = "max_batch"
+    primary = "max_batch"
+    higher_is_better = True
+    default_lengths = (32768,)
+    defaults: ClassVar[dict[str, Any]] = {"start": 1, "limit": 1024, "new_tokens": 4, "prefill_chunk": 2048,
+                                          "cudnn_sdpa": False}
+    limits: ClassVar[dict[str, tuple]] = {"start": (1, None), "limit": (1, None), "new_tokens": (1, None),
+                                          "prefill_chunk": (1, None)}
+    needs_text = False
+    labels: ClassVar[dict[str, str]] = {"max_batch": "largest batch that fits (sequences)",
+                                        "decode_tokens_per_s": "decode tokens/s at that batch"}
+
+    def run(self, ctx: TaskContext) -> dict[str, Any]:
+        """Search the largest batch; record every attempt."""
+        start, limit = int(ctx.params["start"]), int(ctx.params["limit"])
+        if start > limit:
+            from ..errors import HarnessError
+
+            raise HarnessError(f"--param max_batch.start: got {start}; allowed: <= limit ({limit})")
+        tried: dict[int, dict[str, Any]] = {}
+        with cudnn_sdpa(ctx.device, bool(ctx.params["cudnn_sdpa"])) as cudnn:
+            fits, fails, b = 0, None, start
+            while b <= limit:  # doubling
+                tried[b] = self._attempt(ctx, b)
+                if not tried[b]["fits"]:
+                    fails = b
+                    break
+                fits, b = b, b * 2
+            if fails is None and fits < limit:
+                tried[limit] = self._attempt(ctx, limit)
+                fits, fails = (limit, None) if tried[limit]["fits"] else (fits, limit)
+            while fails is not None and fails - fits > 1:  # bisection
+                mid = (fits + fails) // 2
+                tried[mid] = self._attempt(ctx, mid)
+                fits, fails = (mid, fails) if tried[mid]["fits"] else (fits, mid)
+        best = tried.get(fits, {})
+        return {"max_batch": fits, "oom_at": fails, "limit": limit, "cudnn_sdpa": cudnn,
+                "decode_tokens_per_s": best.get("decode_tokens_per_s"), "kv_bytes": best.get("kv_bytes"),
+                "allocator_peak_bytes": best.get("allocator_peak_bytes"),
+                "attempts": [{"batch": k, **v} for k, v in sorted(tried.items())]}
+
+    def _attempt(self, ctx: TaskContext, batch: int) -> dict[str, Any]:
+        import torch
+
+        from ..decoding import forward, prefill, sync
+        from ..progress import say
+
+        cache = None
+        try:
+            if ctx.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            ids = batch_ids(ctx, batch)
+            cache = ctx.make_cache()
+            logits = prefill(ctx.model, ids, cache, chunk=ctx.chunk or int(ctx.params["prefill_chunk"]))
+            steps = []
+            for _ in range(int(ctx.params["new_tokens"])):
+                sync(ctx.device)
+                t0 = time.perf_counter()
+                logits = forward(ctx.model, logits.argmax(-1, keepdim=True), cache, last_only=True)[:, -1]
+                sync(ctx.device)
+                steps.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
+            result = {"fits": True, "decode_tokens_per_s": batch / statistics.median(steps),
+                      "kv_bytes": kv_bytes(cache), "allocator_peak_bytes": peak}
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            result = {"fits": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+        finally:
+            del cache
+            release(ctx.device)
+        say(f"  max_batch {ctx.spec} L={ctx.length}: batch {batch} {'fits' if result['fits'] else 'out of memory'}")
+        return result

@@ -1,0 +1,74 @@
+"""Out of memory is a result: a policy that raises torch.OutOfMemoryError above a batch size (CPU stand-in
+for a full GPU) gives a recorded max_batch and an ``oom`` cell, and the grid goes on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import kvcompress
+import pytest
+import torch
+from kvcompress import param
+from kvcompress.plugins import Entry
+from transformers.cache_utils import DynamicCache
+
+from kvcompress_harness.results import read_records
+from kvcompress_harness.runner import RunConfig, run
+
+
+class _Limited(DynamicCache):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if key_states.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"simulated: batch {key_states.shape[0]} > {self.limit}")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@dataclass
+class OomAbove(kvcompress.CachePolicy):
+    """A DynamicCache that runs out of memory above `limit` sequences."""
+
+    name: ClassVar[str] = "oom-above"
+    limit: int = param(3, min=0)
+
+    def build(self, model):
+        return _Limited(self.limit)
+
+
+@pytest.fixture
+def oom_policy(monkeypatch):
+    reg = kvcompress.get_registry()
+    monkeypatch.setitem(reg.policies, "oom-above", Entry("oom-above", OomAbove, "tests", "0", "oom stand-in"))
+    return "oom-above(limit=3)"
+
+
+def test_max_batch_finds_the_edge_and_records_every_attempt(tiny, tmp_path, oom_policy):
+    cfg = RunConfig(policies=[oom_policy], tasks=["max_batch"], lengths=[32], out=str(tmp_path / "r.jsonl"),
+                    data="excerpt", progress=False,
+                    params={"max_batch": {"start": 1, "limit": 8, "new_tokens": 2, "prefill_chunk": 16}})
+    full, limited = run(cfg, loaded=tiny)
+    assert limited["status"] == "ok" and limited["metrics"]["max_batch"] == 3 and limited["metrics"]["oom_at"] == 4
+    attempts = {a["batch"]: a["fits"] for a in limited["metrics"]["attempts"]}
+    assert attempts == {1: True, 2: True, 4: False, 3: True}
+    assert "simulated: batch 4 > 3" in next(a["error"] for a in limited["metrics"]["attempts"] if not a["fits"])
+    assert full["metrics"]["max_batch"] == 8 and full["metrics"]["oom_at"] is None
+    assert limited["ratio_to_full"]["max_batch"] == pytest.approx(3 / 8)
+    assert limited["metrics"]["decode_tokens_per_s"] > 0
+
+
+def test_speed_cell_out_of_memory_is_a_result_and_the_grid_goes_on(tiny, tmp_path, oom_policy):
+    out = tmp_path / "r.jsonl"
+    cfg = RunConfig(policies=[oom_policy, "window(budget=8)"], tasks=["speed"], lengths=[32], batches=[2, 4],
+                    out=str(out), data="excerpt", progress=False, params={"speed": {"new_tokens": 3, "warmup": 0}})
+    records = run(cfg, loaded=tiny)
+    status = {(r["batch"], r["policy"]): r["status"] for r in records}
+    assert status == {(2, "full"): "ok", (2, oom_policy): "ok", (2, "window(budget=8)"): "ok",
+                      (4, "full"): "ok", (4, oom_policy): "oom", (4, "window(budget=8)"): "ok"}
+    oom = next(r for r in records if r["status"] == "oom")
+    assert "OutOfMemoryError during prefill: simulated: batch 4 > 3" in oom["error"]
+    assert len(read_records(out)) == 6
+    assert run(cfg, loaded=tiny) == []  # an out-of-memory cell is finished: a rerun does not retry it

@@ -1,0 +1,162 @@
+"""Observing a prompt's attention without its n x n matrix (Triton; private).
+
+A policy that accumulates the attention each slot receives (H2O) needs, after a prompt, the column sums of
+the prompt's softmax attention. Materialising the weights in chunks of queries costs several times the
+prompt's own attention. Here two flash-style passes over the keys do it, never holding more than a tile:
+
+1. ``_lse_kernel``: per query row (one per query head), the log2 of its softmax denominator;
+2. ``_colsum_kernel``: per tile of keys, ``exp2(score - lse)`` over every query that sees it, reduced over
+   the G query heads of the kv head (sum or max) and summed over queries, added to the policy's state.
+
+The causal mask (queries bottom-right aligned, as sdpa's) or the model's 4-D mask and the per-slot bias
+apply as in attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._kernels import AVAILABLE, INTERPRET, LOG2E, launch
+
+if AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tile_scores(q, k, M, BIAS, rows, cols, qmask, kmask, mbase, bbase, stride_mq, stride_mk, qk_scale, offset,
+                     MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+        """Scores (log2 units) of query tile ``q`` (rows ``rows``) against key tile ``k`` (slots ``cols``),
+        ``-inf`` where not attended."""
+        if DOT_F32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        live = qmask[:, None] & kmask[None, :]
+        if MASK_KIND == 0:  # causal: query i sits at key position offset + i
+            live = live & (cols[None, :] <= offset + rows[:, None])
+        else:
+            mv = tl.load(M + mbase + rows[:, None] * stride_mq + cols[None, :] * stride_mk, mask=live, other=0)
+            if MASK_KIND == 1:
+                live = live & (mv != 0)
+            else:
+                s = s + mv.to(tl.float32) * 1.4426950408889634
+                live = live & (mv.to(tl.float32) > -1e30)
+        if HAS_BIAS:
+            s = s + tl.load(BIAS + bbase + cols, mask=kmask, other=0.0)[None, :] * 1.4426950408889634
+        return tl.where(live, s, float("-inf"))
+
+    @triton.jit(do_not_specialize=["q_len", "s_len", "offset", "stride_k", "stride_mb", "stride_mq", "stride_mk"])
+    def _lse_kernel(Q, K, M, BIAS, LSE, q_len, s_len, offset, stride_k, qk_scale, stride_mb, stride_mq, stride_mk,
+                    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bq = tl.program_id(1).to(tl.int64)  # batch row * HQ + query head
+        b, hq = bq // HQ, bq % HQ
+        bk = b * (HQ // G) + hq // G
+        offs_d = tl.arange(0, D)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        qmask = rows < q_len
+        q = tl.load(Q + bq * q_len * D + rows[:, None] * D + offs_d[None, :], mask=qmask[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        end = s_len
+        if MASK_KIND == 0:
+            end = tl.minimum(s_len, offset + pid_m * BLOCK_M + BLOCK_M)
+        for n0 in range(0, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            kmask = cols < s_len
+            k = tl.load(K + bk * stride_k + cols[:, None] * D + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            s = _tile_scores(q, k, M, BIAS, rows, cols, qmask, kmask, b * stride_mb, bk * s_len, stride_mq,
+                             stride_mk, qk_scale, offset, MASK_KIND, HAS_BIAS, DOT_F32)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
+        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+        lse = tl.where(l_i == 0.0, float("inf"), m_fin + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(LSE + bq * q_len + rows, lse, mask=qmask)
+
+    @triton.jit(do_not_specialize=["q_len", "s_len", "offset", "stride_k", "acap", "stride_mb", "stride_mq",
+                                   "stride_mk"])
+    def _colsum_kernel(Q, K, M, BIAS, LSE, ACC, q_len, s_len, offset, stride_k, acap, qk_scale, stride_mb, stride_mq,
+                       stride_mk, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       DOT_F32: tl.constexpr, REDUCE_MAX: tl.constexpr):
+        pid_n = tl.program_id(0)
+        bk = tl.program_id(1).to(tl.int64)  # batch row * HKV + kv head
+        hkv = HQ // G
+        b, h = bk // hkv, bk % hkv
+        offs_d = tl.arange(0, D)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kmask = cols < s_len
+        k = tl.load(K + bk * stride_k + cols[:, None] * D + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        total = tl.zeros([BLOCK_N], tl.float32)
+        start = 0
+        if MASK_KIND == 0:  # queries before the tile's first key see none of it
+            start = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+        for m0 in range(start, q_len, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            qmask = rows < q_len
+            red = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for g in range(G):
+                bq = b * HQ + h * G + g
+                q = tl.load(Q + bq * q_len * D + rows[:, None] * D + offs_d[None, :], mask=qmask[:, None],
+                            other=0.0)
+                s = _tile_scores(q, k, M, BIAS, rows, cols, qmask, kmask, b * stride_mb, bk * s_len, stride_mq,
+                                 stride_mk, qk_scale, offset, MASK_KIND, HAS_BIAS, DOT_F32)
+                lse = tl.load(LSE + bq * q_len + rows, mask=qmask, other=float("inf"))
+                p = tl.exp2(s - lse[:, None])
+                if REDUCE_MAX:
+                    red = tl.maximum(red, p)
+                else:
+                    red += p
+            total += tl.sum(red, 0)
+        aptr = ACC + bk * acap + cols
+        tl.store(aptr, tl.load(aptr, mask=kmask, other=0.0) + total, mask=kmask)
+
+
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+def prompt_observe(query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                   bias: torch.Tensor | None, acc: torch.Tensor, reduce: str) -> bool:
+    """Add to ``acc`` ``[B, H_kv, >= S]`` (float32) the attention each of the ``S`` slots of ``keys``
+    ``[B, H_kv, S, D]`` receives from the ``q`` queries ``[B, H_q, q, D]`` (queries bottom-right aligned
+    when ``attention_mask`` is None; else the model's ``[B, 1, q, S]`` mask), reduced over the G query heads
+    of each kv head by ``reduce`` ("sum" or "max") and summed over queries; ``bias`` ``[B, H_kv, S]`` as in
+    attention. Returns False, having done nothing, where the kernels do not apply (then use torch ops)."""
+    b, hq, q, d = query.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    if (not AVAILABLE or (query.device.type != "cuda" and not INTERPRET) or hq % hkv or d & (d - 1) or d < 16
+            or reduce not in ("sum", "max") or acc.dtype != torch.float32 or not acc.is_contiguous()):
+        return False
+    if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[-2:] != (q, s)):
+        return False
+    query = query.contiguous()
+    if not (keys.stride(-1) == 1 and keys.stride(-2) == d and keys.stride(0) == hkv * keys.stride(1)):
+        keys = keys.contiguous()  # a narrow view of a [B, H, cap, D] buffer needs no copy
+    if bias is not None:
+        bias = bias.float().contiguous()
+    if attention_mask is None:
+        mask_kind, mask, smb, smq, smk = 0, query, 0, 0, 0
+    else:
+        mask = attention_mask[:, 0]
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        smb = mask.stride(0) if mask.shape[0] > 1 else 0
+        smq, smk = mask.stride(1), mask.stride(2)
+    lse = torch.empty((b, hq, q), dtype=torch.float32, device=query.device)
+    consts = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_KIND=mask_kind,
+                  HAS_BIAS=bias is not None, DOT_F32=query.dtype == torch.float32)
+    bias_in = bias if bias is not None else lse
+    common = (query.device, query.dtype, mask.dtype)
+    launch(_lse_kernel, (triton.cdiv(q, BLOCK_M), b * hq), (*common, "lse", *consts.values()),
+           (query, keys, mask, bias_in, lse, q, s, s - q, keys.stride(1), scaling * LOG2E, smb, smq, smk), consts,
+           num_warps=4)
+    consts["REDUCE_MAX"] = reduce == "max"
+    launch(_colsum_kernel, (triton.cdiv(s, BLOCK_N), b * hkv), (*common, "colsum", *consts.values()),
+           (query, keys, mask, bias_in, lse, acc, q, s, s - q, keys.stride(1), acc.shape[2], scaling * LOG2E, smb, smq,
+            smk),
+           consts, num_warps=4)
+    return True

@@ -1,0 +1,195 @@
+"""Greedy decoding with a static slot layout, replayed as one CUDA graph per step.
+
+A GPU decode step of an 8B model is mostly host time (Python and kernel launches), for every cache. With a
+fixed budget a layer's slot table has a fixed capacity (``budget + step``), so a decode step can keep every
+shape static: the step's key and value are written at a device-side slot counter, attention runs over the
+whole capacity with the per-slot bias masking the empty slots (``-inf``), and the step is captured once and
+replayed. Eviction (a plan: scores, top-k, gathers) runs eagerly between replays every ``step`` tokens, in
+place, so the graph's buffers never move.
+
+Why not transformers' ``generate`` with ``torch.compile``: eviction is data-dependent (top-k, gathers, a
+plan) and runs every ``step`` tokens, outside any fixed graph; compiling the whole loop measured slower than
+eager even for transformers' own ``StaticCache``. This helper captures only the model's decode step.
+
+Supported: selection policies with a fixed ``budget`` (or ``dense``/no eviction, then the capacity is the
+prompt plus ``max_new_tokens``) over the core's dense store, observing ones included where they declare
+``accumulated_attention()`` (the fused kernel observes inside the graph). Not supported (a clear error):
+``ratio`` budgets (the capacity grows), representations with their own store (quant, lowrank), policies with
+``on_tokens``, and ``observe()`` without ``accumulated_attention()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .cache import CompressedCache
+from .policy import SelectionPolicy
+from .store import DenseStore
+
+
+def _check(cache: Any) -> None:
+    if not isinstance(cache, CompressedCache):
+        raise ValueError(f"static_generate: parameter 'cache' is a {type(cache).__name__}; allowed: a kvcompress "
+                         "cache (make_cache(spec, model=model); 'dense' for no compression)")
+    sel, rep = cache.selection, cache.representation
+    if rep is not None:
+        raise ValueError(f"static_generate: cache {cache.spec!r} stores tokens as {rep.spec()}; allowed: the "
+                         "core's dense store (no representation) — a packed store's layout is not static")
+    if isinstance(sel, SelectionPolicy):
+        if sel.ratio is not None:
+            raise ValueError(f"static_generate: policy {sel.spec()!r} has a ratio; allowed: a fixed budget "
+                             "(the slot table's capacity must not grow)")
+        if type(sel).on_tokens is not SelectionPolicy.on_tokens:
+            raise ValueError(f"static_generate: policy {sel.name!r} runs on_tokens() every step; allowed: "
+                             "policies without it")
+        if sel.needs_attention and sel.accumulated_attention() is None:
+            raise ValueError(f"static_generate: policy {sel.name!r} observes attention without declaring "
+                             "accumulated_attention(); allowed: observing policies a fused kernel can serve")
+
+
+class _Static:
+    """One layer held at a fixed capacity: device slot counter, bias ``-inf`` on empty or padding slots."""
+
+    def __init__(self, layer, capacity: int) -> None:
+        if not isinstance(layer.store, DenseStore):
+            raise ValueError("static_generate: a layer's store is not the core's DenseStore")
+        self.layer = layer
+        slots, buf = layer.slots, layer.store.buf
+        n = slots.length
+        if capacity < n + 1:
+            raise ValueError(f"static_generate: capacity {capacity} does not exceed the {n} stored slots")
+        slots._reallocate(capacity)  # exactly: the buffers never move again
+        buf._reallocate(capacity)
+        for t in buf.tensors.values():  # empty slots hold zeros, never garbage (0 * -inf bias is not NaN-free)
+            t[:, :, n:].zero_()
+        if "bias" not in slots.tensors:
+            slots.add("bias", torch.zeros((), dtype=torch.float32))
+        layer._prefill_free_slots(layer.seen)
+        self.count = torch.full((1,), n, dtype=torch.long, device=layer.device)
+        self.reset_bias()
+        layer.static = self
+
+    def reset_bias(self) -> None:
+        """Empty slots and padding masked: written after every eager eviction."""
+        layer = self.layer
+        bias, valid = layer.slots.tensors["bias"], layer.slots.tensors["valid"]
+        n = layer.slots.length
+        bias.masked_fill_(~valid, float("-inf"))
+        bias[:, :, n:].fill_(float("-inf"))
+        self.count.fill_(n)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Device-side append (graph-safe): slot ``count`` gets the step's key and value and bias 0."""
+        buf = self.layer.store.buf.tensors
+        buf["keys"].index_copy_(2, self.count, keys)
+        buf["values"].index_copy_(2, self.count, values)
+        self.layer.slots.tensors["bias"].index_fill_(2, self.count, 0.0)
+
+    def advance(self) -> None:
+        """Host bookkeeping after a replayed (or eager static) step, then eviction when due."""
+        layer = self.layer
+        layer.slots.length += 1
+        layer.store.buf.length += 1
+        layer.seen += 1
+        before = layer.evictions
+        layer.maybe_evict(new=1)
+        if layer.evictions != before:
+            self.reset_bias()
+
+
+def _layers_static(cache: CompressedCache, max_new_tokens: int) -> list[_Static]:
+    out = []
+    for layer in cache.layers:
+        target = layer.selection.target(layer.seen)
+        if target is None:
+            capacity = layer.slots.length + max_new_tokens + 1
+        else:
+            capacity = max(layer.selection.kept_slots(target) + layer.selection.step, layer.slots.length + 1)
+        out.append(_Static(layer, capacity))
+    return out
+
+
+@torch.no_grad()
+def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tokens: int,
+                    attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+    """Greedy decoding of ``max_new_tokens`` after ``input_ids`` ``[B, n]`` with ``cache``; returns the new
+    tokens ``[B, max_new_tokens]``. The prompt is prefilled eagerly (and compressed as the policy says); each
+    decode step then runs over a static slot layout, captured as a CUDA graph on a GPU (``cuda_graph``:
+    default True on CUDA) or run eagerly the same way elsewhere (the tests check both against eager decoding).
+    ``attention_mask`` (left padding) works as in ``generate``."""
+    if max_new_tokens < 1:
+        raise ValueError(f"static_generate: parameter 'max_new_tokens' is {max_new_tokens}; allowed: >= 1")
+    _check(cache)
+    device = input_ids.device
+    use_graph = (device.type == "cuda") if cuda_graph is None else cuda_graph
+    if use_graph and device.type != "cuda":
+        raise ValueError("static_generate: parameter 'cuda_graph' is True but the model is not on a CUDA device")
+    b, n = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tokens = torch.empty((b, max_new_tokens), dtype=torch.long, device=device)
+    tokens[:, 0] = out.logits[:, -1].argmax(-1)
+    if max_new_tokens == 1:
+        return tokens
+    layers = _layers_static(cache, max_new_tokens)
+    ids = tokens[:, :1].clone()
+    pos = position[:, -1:] + 1
+    cpos = torch.full((1,), n, dtype=torch.long, device=device)
+    step = torch.ones((1,), dtype=torch.long, device=device)
+
+    def decode_step() -> None:
+        logits = model(input_ids=ids, position_ids=pos, cache_position=cpos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.index_copy_(1, step, nxt)
+        ids.copy_(nxt)
+        pos.add_(1)
+        cpos.add_(1)
+        step.add_(1)
+
+    def bookkeeping() -> None:
+        for static in layers:
+            static.advance()
+
+    remaining = max_new_tokens - 1
+    if not use_graph:
+        for _ in range(remaining):
+            decode_step()
+            bookkeeping()
+        _release(layers)
+        return tokens
+    warm = min(2, remaining)  # real steps on a side stream: kernels compiled, allocator warmed
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warm):
+            decode_step()
+            bookkeeping()
+    torch.cuda.current_stream(device).wait_stream(side)
+    remaining -= warm
+    if remaining:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            decode_step()
+        for _ in range(remaining):
+            graph.replay()
+            bookkeeping()
+    _release(layers)
+    return tokens
+
+
+def _release(layers: list[_Static]) -> None:
+    """Back to the eager layout: stored slots only (the bias keeps merged slots' terms; padding stays masked by
+    validity), no device counter."""
+    for static in layers:
+        layer = static.layer
+        layer.static = None
+        n = layer.slots.length
+        bias = layer.slots.tensors["bias"]
+        bias[:, :, :n].masked_fill_(~layer.slots.tensors["valid"][:, :, :n], 0.0)
+        bias[:, :, n:].fill_(0.0)

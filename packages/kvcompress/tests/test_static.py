@@ -1,0 +1,65 @@
+"""Decoding over a static slot layout (kvcompress.static_generate): the same tokens and cache contents as eager
+decoding; on a GPU the step is a replayed CUDA graph (the same check runs there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import kvcompress
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SPECS = ["dense", "sink(budget=24,step=8)", "window(budget=16,step=4)", "keydiff(budget=20,step=6)",
+         "random(budget=18,step=5)"]
+
+
+def _observing_specs() -> list[str]:
+    reg = kvcompress.get_registry().policies
+    return [s for s in ("h2o(budget=20,step=8)", "tova(budget=20,step=4)", "snapkv(budget=24,votes=8,step=8)")
+            if s.split("(")[0] in reg]
+
+
+def _eager(model, spec, ids, mask, new):
+    cache = kvcompress.make_cache(spec, model=model)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:], cache
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SPECS + _observing_specs())
+def test_static_decoding_equals_eager(spec, device):
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    ids[1, :5] = 0
+    want, eager = _eager(model, spec, ids, mask, 40)
+    cache = kvcompress.make_cache(spec, model=model)
+    got = kvcompress.static_generate(model, cache, ids, 40, attention_mask=mask)
+    assert torch.equal(got, want)
+    for a, b in zip(cache.layers, eager.layers, strict=True):
+        assert a.static is None and a.slots.length == b.slots.length
+        assert torch.equal(a.slots.view("positions"), b.slots.view("positions"))
+        torch.testing.assert_close(a.keys, b.keys)
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("sink(ratio=0.5)", "ratio; allowed: a fixed budget"),
+    ("full", "allowed: a kvcompress cache"),
+])
+def test_static_decoding_refuses_what_it_cannot_hold(spec, words):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=words):
+        kvcompress.static_generate(model, kvcompress.make_cache(spec, model=model), torch.ones(1, 4, dtype=torch.long),
+                                   4)
+
+
+def test_a_packed_store_is_refused():
+    if "quant" not in kvcompress.get_registry().policies:
+        pytest.skip("kvcompress-quant is not installed")
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="allowed: the core's dense store"):
+        kvcompress.static_generate(model, kvcompress.make_cache("sink(budget=8)+quant(bits=4)", model=model),
+                                   torch.ones(1, 4, dtype=torch.long), 4)
