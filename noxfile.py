@@ -5,7 +5,8 @@ from __future__ import annotations
 import nox
 
 PACKAGES = [
-    "kvcompress", "kvcompress-harness", "kvcompress-h2o", "kvcompress-quant", "kvcompress-cluster", "kvcompress-lowrank",
+    "kvcompress", "kvcompress-harness", "kvcompress-h2o", "kvcompress-quant", "kvcompress-cluster",
+    "kvcompress-lowrank",
 ]
 TORCH = "torch==2.13.0"
 nox.options.sessions = ["tests", "lint", "docs"]
