@@ -48,3 +48,6 @@ def test_split_prompt_feeds_the_ids_of_the_whole_prompt(smol, depth):
                            encode(tok, text, torch.device("cpu"), chat=chat))
         assert "What is the pass key?" in tok.decode(parts.question[0])
         assert "What is" not in tok.decode(parts.context[0])
+        marked = split_prompt(tok, text, passkey.TAIL, torch.device("cpu"), chat=chat, mark="12345").marked
+        assert marked and max(marked) < parts.context.shape[1]
+        assert tok.decode(parts.context[0, list(marked)]).strip() == "12345"

@@ -11,7 +11,7 @@ from kvcompress_harness.models import load_model
 from kvcompress_harness.runner import RunConfig, run
 
 # Published parameter counts (embeddings and head included), in billions.
-PUBLISHED = {"llama-3-8b": 8.03, "qwen2.5-7b": 7.62, "mistral-7b": 7.25, "smollm2-135m": 0.1345}
+PUBLISHED = {"llama-3-8b": 8.03, "llama-3-70b": 70.55, "qwen2.5-7b": 7.62, "mistral-7b": 7.25, "smollm2-135m": 0.1345}
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

@@ -74,6 +74,9 @@ def test_retrieval_tasks_in_both_modes(tiny, tmp_path, task, mode):
         assert rec["metrics"]["trials"] == 4
         assert set(rec["metrics"]["by_depth"]) == {"0", "1"}
         assert 0 <= rec["metrics"]["accuracy"] <= 1
+    assert full["metrics"]["fact_kept"] is None  # a DynamicCache does not say which tokens it holds
+    assert 0 <= win["metrics"]["fact_kept"] <= 1
+    assert win["metrics"]["fact_kept_by_depth"]["0"] == 0.0  # the window dropped the fact at the start
     if mode == "context":
         assert win["metrics"]["context_compressed"] is True and full["metrics"]["context_compressed"] is False
         # the question and the answer are kept whole after the context was compressed to the budget

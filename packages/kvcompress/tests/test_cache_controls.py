@@ -29,6 +29,28 @@ def test_compress_evicts_to_target_whatever_the_step():
     assert [layer.slots.length for layer in cache.layers] == [16, 16]
 
 
+def test_positions_name_the_tokens_kept():
+    model = tiny_model("llama")
+    cache = kvcompress.make_cache("sink(budget=16,sink=4,step=64)", model=model)
+    _feed(model, cache, 40)
+    cache.compress()
+    expected = [*range(4), *range(28, 40)]
+    for layer in cache.layers:
+        assert layer.positions.shape == (1, 2, 16)
+        assert layer.positions[0, 0].tolist() == expected
+
+
+def test_positions_mark_unused_adaptive_slots():
+    model = tiny_model("llama")
+    cache = kvcompress.make_cache("keydiff(budget=16,step=64,adaptive=2)", model=model)
+    _feed(model, cache, 40)
+    cache.compress()
+    for layer in cache.layers:
+        live = (layer.positions >= 0).sum(dim=(1, 2))
+        assert live.tolist() == [16 * 2]  # one layer-wide budget (16 per head) shared by the heads
+        assert layer.positions.max() < 40
+
+
 def test_freeze_keeps_every_token_until_unfrozen():
     model = tiny_model("llama")
     cache = kvcompress.make_cache("window(budget=16,step=4)", model=model)

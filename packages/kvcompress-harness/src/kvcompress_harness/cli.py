@@ -68,7 +68,7 @@ def _config(args: argparse.Namespace) -> Any:
                        out=args.out, device=args.device, dtype=args.dtype, chunk=args.chunk, seed=args.seed,
                        profile=args.profile, params=parse_params(args.param or []), data=args.data,
                        data_file=args.data_file, progress=not args.no_progress, batches=args.batch,
-                       compress=args.compress, command=command)
+                       compress=args.compress, command=command, device_map=args.device_map)
     if args.grid:
         config = apply_grid(config, args.grid, given={**vars(args), "task": tasks or None})
     return config
@@ -89,6 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise HarnessError("--task: give at least one task (see 'kvcompress list')")
     config.policies = check_specs(config.policies)  # before torch is imported: a typo answers at once
     resolve_tasks(config.tasks)
+    if config.device_map is not None:
+        from .placement import parse_device_map
+
+        parse_device_map(config.device_map)
     args.out_path = config.out
 
     def on_term(signum: int, frame: Any) -> None:
@@ -103,6 +107,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run
 
     records = run(config)
+    from .distributed import from_env
+
+    rank = from_env()
+    if rank is not None and not rank.leader:
+        print(f"rank {rank.rank}/{rank.world}: {len(records)} cell(s) run; rank 0 merges them into {config.out}")
+        return 0
     failed = [r for r in records if r["status"] == "error"]
     oom = [r for r in records if r["status"] == "oom"]
     print(f"{len(records)} cell(s) run, {len(failed)} failed, {len(oom)} out of memory; results in {config.out}")
@@ -133,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", action="append", help="policy spec, e.g. 'sink(budget=128)'; repeatable")
     r.add_argument("--task", action="append", help="task name; repeatable")
     r.add_argument("--model", default=None,
-                   help="HF id, local dir, .gguf file, or random:NAME[?layers=N] (llama-3-8b, qwen2.5-7b, "
+                   help="HF id, local dir, .gguf file, or random:NAME[?layers=N] (llama-3-8b, llama-3-70b, qwen2.5-7b, "
                         "mistral-7b, smollm2-135m; random weights, speed only); default: SmolLM2-135M")
     r.add_argument("--length", type=int, nargs="+", help="lengths in tokens (default: each task's)")
     r.add_argument("--batch", type=int, nargs="+", help="batch sizes for speed (default 1)")
@@ -142,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
                                                  "'context' (context compressed, then the question)")
     r.add_argument("--out", default="results.jsonl", help="results file (JSON lines; reruns resume)")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    r.add_argument("--device-map", default=None,
+                   help="spread the model over devices with accelerate: auto, balanced, balanced_low_0, sequential, "
+                        "or a JSON object of module to device (see docs/scale.md)")
     r.add_argument("--dtype", default=None, help="model dtype: float32, float16 or bfloat16")
     r.add_argument("--chunk", type=int, default=None, help="tokens fed per forward while streaming")
     r.add_argument("--grid", default=None, help="TOML file with policies, tasks, lengths, params")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +14,11 @@ from .models import cache_argument
 from .progress import track
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work (timings)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def sync(device: torch.device | Sequence[torch.device]) -> None:
+    """Wait for queued GPU work (timings) on ``device``, or on each of several (a model over a device map)."""
+    for d in [device] if isinstance(device, torch.device) else device:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 

@@ -33,10 +33,10 @@ else:  # pragma: no cover
 GRID_KEYS = {"policies": "policy", "tasks": "task", "lengths": "length", "model": "model", "out": "out",
              "device": "device", "dtype": "dtype", "chunk": "chunk", "seed": "seed", "data": "data",
              "data_file": "data_file", "params": "param", "batches": "batch", "compress": "compress",
-             "expand": "policy"}
+             "expand": "policy", "device_map": "device_map"}
 _FIELDS = {"policies": "policies", "tasks": "tasks", "lengths": "lengths", "model": "model", "out": "out",
            "device": "device", "dtype": "dtype", "chunk": "chunk", "seed": "seed", "data": "data",
-           "data_file": "data_file", "batches": "batches", "compress": "compress"}
+           "data_file": "data_file", "batches": "batches", "compress": "compress", "device_map": "device_map"}
 _LISTS = ("policies", "tasks", "lengths", "batches", "compress")
 
 

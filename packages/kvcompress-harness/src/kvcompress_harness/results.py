@@ -166,6 +166,8 @@ def cell_key(record: dict[str, Any]) -> str:
     """Identity of a cell: what was measured, on what, with which settings."""
     ident = {k: record.get(k) for k in KEY_FIELDS}
     ident["batch"] = ident["batch"] or 1
+    if record.get("device_map") is not None:  # only then: keys of cells on one device stay what they were
+        ident["device_map"] = record["device_map"]
     return hashlib.sha256(dumps(ident).encode()).hexdigest()[:16]
 
 

@@ -3,6 +3,9 @@
 A cell is (task, length, batch, compress mode, policy); the cells that share everything but the policy
 form a group, with ``full`` first. A task with ``run_group`` measures a whole group in one call (``speed``
 pairs decode steps across its policies); any other task runs cell by cell.
+
+Under torchrun (``distributed``) the groups are split over the ranks, a group whole on one rank (a policy and
+its ``full`` stay in one process); each rank writes its own shard and rank 0 merges them (``shards``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import distributed, shards
 from .errors import HarnessError
 from .models import LoadedModel, load_model
-from .progress import bar, say
-from .results import append_record, cell_key, finished, prepare_out, read_records
+from .progress import bar, say, set_rank
+from .results import append_record, cell_key, finished, prepare_out
 from .specs import REFERENCE, check_specs, resolve_tasks
 from .summary import cell_line
 from .task import Task, TaskContext, resolve_params
@@ -48,6 +52,7 @@ class RunConfig:
     compress: list[str] | None = None
     command: str | None = None
     grid: str | None = None
+    device_map: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,27 +166,51 @@ class Runner:
     """Runs the groups of one ``RunConfig`` and appends a record per finished cell."""
 
     def __init__(self, config: RunConfig, loaded: LoadedModel, tasks: dict[str, Any],
-                 params: dict[str, dict[str, Any]], text: Any) -> None:
+                 params: dict[str, dict[str, Any]], text: Any, key_device: str | None = None,
+                 rank: distributed.Rank | None = None) -> None:
         self.config, self.loaded, self.tasks, self.params, self.text = config, loaded, tasks, params, text
         self.out = Path(config.out)
-        self.done = finished(read_records(self.out))
+        self.write_to = self.out if rank is None else shards.shard_path(self.out, rank.rank)
+        self.done = finished(shards.all_records(self.out)) if rank is None else {}
+        self.key_device = key_device or str(loaded.device)
+        self.rank = rank
         self.run_id = uuid.uuid4().hex[:12]
         self.memo: dict[Any, Any] = {}
         self.records: list[dict[str, Any]] = []
 
     def base(self, group: Group, spec: str) -> dict[str, Any]:
         """The identity of a cell (what its key is made of)."""
-        return {"model": self.loaded.name, "policy": spec, "task": group.task, "params": self.params[group.task],
-                "length": group.length, "device": str(self.loaded.device), "seed": self.config.seed,
-                "chunk": self.config.chunk, "data_source": self.text.source, "batch": group.batch,
-                "compress": group.compress}
+        out = {"model": self.loaded.name, "policy": spec, "task": group.task, "params": self.params[group.task],
+               "length": group.length, "device": self.key_device, "seed": self.config.seed,
+               "chunk": self.config.chunk, "data_source": self.text.source, "batch": group.batch,
+               "compress": group.compress}
+        if self.loaded.device_map is not None:
+            out["device_map"] = self.loaded.device_map
+        return out
 
     def context(self, group: Group, spec: str) -> TaskContext:
         """The task context of one cell."""
         return TaskContext(model=self.loaded.model, tokenizer=self.loaded.tokenizer, device=self.loaded.device,
                            spec=spec, length=group.length, params=self.params[group.task], seed=self.config.seed,
                            chunk=self.config.chunk, text=self.text, progress=self.config.progress,
-                           batch=group.batch, compress=group.compress, task=group.task, memo=self.memo)
+                           batch=group.batch, compress=group.compress, task=group.task, memo=self.memo,
+                           devices=tuple(self.loaded.devices))
+
+    def order(self, groups: list[Group]) -> Any:
+        """Sort key of a record: its cell's place in ``groups`` (cells of other grids first)."""
+        index = {cell_key(self.base(g, s)): i for i, (g, s) in enumerate((g, s) for g in groups for s in g.specs)}
+        return lambda record: index.get(cell_key(record), -1)
+
+    def mine(self, groups: list[Group]) -> list[Group]:
+        """The unfinished groups this rank runs: split by ``distributed.assign`` over the ranks, the cost of a
+        group its tokens (length x batch) times its unfinished cells."""
+        if self.rank is None:
+            return groups
+        todo = [g for g in groups if self.todo(g)]
+        owner = distributed.assign([g.length * g.batch * len(self.todo(g)) for g in todo], self.rank.world)
+        mine = [g for g, r in zip(todo, owner) if r == self.rank.rank]
+        say(f"{len(mine)} of {len(todo)} unfinished group(s) of cells on this rank")
+        return mine
 
     def todo(self, group: Group) -> list[str]:
         """Specs of the group whose cells have not finished."""
@@ -283,7 +312,13 @@ class Runner:
                                   "run_id": self.run_id, "started_at": started, "model_source": self.loaded.source,
                                   "data_note": self.text.note, "torch_threads": torch.get_num_threads(),
                                   "command": self.config.command, "grid": self.config.grid,
-                                  "device_name": _device_name(self.loaded.device), **outcome, "wall_s": wall}
+                                  "device_name": _device_name(self.loaded), **outcome, "wall_s": wall}
+        if self.key_device != str(self.loaded.device) or self.loaded.device_map is not None:
+            record["local_device"] = str(self.loaded.device)
+        if self.loaded.device_map is not None:
+            record["devices"], record["placement"] = list(self.loaded.devices), self.loaded.placement
+        if self.rank is not None:
+            record["rank"], record["world_size"] = self.rank.rank, self.rank.world
         labels = getattr(task, "labels", None)
         if labels:
             record["labels"] = dict(labels)
@@ -291,7 +326,7 @@ class Runner:
         record["ratio_to_full"] = _ratios(record.get("metrics") or {}, ref_metrics)
         dists = {"kvcompress", "kvcompress-harness", "torch", "transformers", entry.distribution}
         record["versions"] = _versions(dists | _policy_dists(base["policy"]))
-        append_record(self.out, record)
+        append_record(self.write_to, record)
         self.records.append(record)
         if record["status"] in ("ok", "oom"):
             self.done[cell_key(base)] = record
@@ -309,19 +344,48 @@ def _failure(exc: BaseException, device: Any) -> dict[str, Any]:
             "traceback": traceback.format_exc()}
 
 
-def _device_name(device: Any) -> str:
+def _device_name(loaded: LoadedModel) -> str:
     import platform
 
-    if device.type == "cuda":
-        import torch
+    import torch
 
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+    gpus = [d for d in dict.fromkeys([str(loaded.device), *loaded.devices]) if d.startswith("cuda")]
+    if not gpus:
+        return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+    names = [torch.cuda.get_device_name(torch.device(d)) for d in gpus]
+    return names[0] if len(names) == 1 else (f"{len(names)} x {names[0]}" if len(set(names)) == 1
+                                              else " + ".join(names))
+
+
+def _key_device(config: RunConfig) -> str:
+    """The ``device`` of a cell's identity: what a single process would record (``cuda``, ``cpu``, ``cuda:N``),
+    the same on every rank of a sharded run and for a model over a device map."""
+    from .models import pick_device
+
+    if config.device_map is not None:
+        return pick_device(config.device or None).type
+    return str(pick_device(config.device))
+
+
+def _rank_devices(config: RunConfig, rank: distributed.Rank) -> tuple[str | None, list[int] | None, str]:
+    """(--device, GPUs for a device map, the process group's device type) of this rank."""
+    import torch
+
+    cuda = config.device != "cpu" and torch.cuda.is_available()
+    if config.device_map is None:
+        device = distributed.rank_device(config.device, rank)
+        return device, None, "cuda" if device and device.startswith("cuda") else "cpu"
+    if not cuda or rank.local_world == 1:
+        return config.device, None, "cuda" if cuda else "cpu"
+    share = torch.cuda.device_count() // rank.local_world
+    if share < 1:
+        raise HarnessError(f"--device-map under torchrun: {rank.local_world} ranks on a node with "
+                           f"{torch.cuda.device_count()} GPU(s); allowed: --nproc-per-node <= the GPUs of a node")
+    return config.device, list(range(rank.local_rank * share, (rank.local_rank + 1) * share)), "cuda"
 
 
 def run(config: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any]]:
     """Run every unfinished cell of the grid; append one record per cell to ``config.out``; return them."""
-    import kvcompress
 
     from .data import describe, load_text
 
@@ -339,8 +403,17 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, 
         raise HarnessError(f"--param: unknown task(s) {', '.join(sorted(unknown))}; "
                            f"known tasks: {', '.join(sorted(_registry().tasks))}")
     params = {name: resolve_params(entry.obj, config.params.get(name, {})) for name, entry in tasks.items()}
-    for warning in prepare_out(config.out):
-        say(f"warning: {warning}")
+    if config.device_map is not None:
+        from .placement import label, parse_device_map
+
+        config.device_map = label(parse_device_map(config.device_map))
+    rank = distributed.from_env()
+    if rank is None or rank.leader:
+        for path in [config.out, *shards.shard_files(config.out)]:  # appends start on a line of their own
+            for warning in prepare_out(path):
+                say(f"warning: {warning}")
+    elif Path(config.out).is_dir():
+        prepare_out(config.out)  # the same one-line error on every rank
     random_model = loaded.tokenizer is None if loaded else (config.model or "").startswith("random:")
     if random_model and loaded is None:
         from .architectures import parse_random
@@ -355,10 +428,45 @@ def run(config: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, 
     text = load_text(config.data, config.data_file)
     if not random_model:
         say(f"data: {describe(text)}")
-    loaded = loaded or load_model(config.model, config.device, config.dtype)
+    key_device = _key_device(config) if rank is not None or config.device_map is not None else None
+    group = None
+    if rank is not None:
+        set_rank(rank.rank, rank.world)
+        device, gpus, kind = _rank_devices(config, rank)
+        group = distributed.Group(rank, kind)
+        say(f"joined the {group.backend} process group of {rank.world} rank(s) (torchrun)")
+    else:
+        device, gpus = config.device, None
+    records = _run(config, loaded, tasks, params, text, rank, group, device, gpus, key_device)
+    if group is not None:  # not on an error: the process ends, and leaving would wait on ranks that are gone
+        group.close()
+    return records
+
+
+def _run(config: RunConfig, loaded: LoadedModel | None, tasks: dict[str, Any], params: dict[str, dict[str, Any]],
+         text: Any, rank: distributed.Rank | None, group: distributed.Group | None, device: str | None,
+         gpus: list[int] | None, key_device: str | None) -> list[dict[str, Any]]:
+    import kvcompress
+
+    loaded = loaded or load_model(config.model, device, config.dtype, device_map=config.device_map, gpus=gpus)
     try:
         kvcompress.attach(loaded.model)
     except ValueError as exc:
         raise HarnessError(f"--model {loaded.name!r} cannot be used: {exc}") from exc
     groups = plan(config, tasks, loaded.max_length)
-    return Runner(config, loaded, tasks, params, text).run(groups)
+    runner = Runner(config, loaded, tasks, params, text, key_device=key_device, rank=rank)
+    if group is None:
+        records = runner.run(groups)
+        merged = shards.merge(config.out, runner.order(groups))  # a killed sharded run's cells, if any
+        if merged:
+            say(f"merged {len(merged)} record(s) of an earlier sharded run into {config.out}")
+        return records
+    # rank 0 reads what has finished and every rank gets the same picture, before any rank writes
+    runner.done = group.broadcast(finished(shards.all_records(config.out)) if group.rank.leader else None)
+    records = runner.run(runner.mine(groups))
+    say(f"finished my cells ({len(records)}); waiting for the other ranks")
+    sent = group.gather(records)  # every rank's records reach rank 0, whatever its filesystem shows
+    if group.rank.leader:
+        records = shards.merge(config.out, runner.order(groups), sent=[r for rs in sent or [] for r in rs])
+        say(f"merged {len(records)} record(s) of {group.rank.world} rank(s) into {config.out}")
+    return records

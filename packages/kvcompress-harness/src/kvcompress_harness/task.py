@@ -25,7 +25,8 @@ cell runs), ``needs_text`` (default True: the task reads the tokenizer and text;
 a ``random:`` model), ``supports_batch`` (the ``--batch`` axis applies), ``compress_modes`` (the
 ``--compress`` axis applies), ``labels`` (``{"metric": "words with units"}`` for reports), and
 ``run_group(ctx, specs) -> {spec: metrics}`` for a task that measures every policy of a cell at once
-(``speed`` pairs decode steps this way).
+(``speed`` pairs decode steps this way), and ``check_params(params)`` to refuse a combination of parameters
+(raise ``HarnessError``) before any cell runs.
 """
 
 from __future__ import annotations
@@ -73,8 +74,21 @@ class TaskContext:
     batch: int = 1
     compress: str | None = None
     task: str = ""
+    devices: tuple[str, ...] = ()
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
     _token_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def all_devices(self) -> list[torch.device]:
+        """Every device the model computes on (several under ``--device-map``), the input device first."""
+        import torch
+
+        out = [self.device]
+        for name in self.devices:
+            dev = torch.device(name)
+            if dev.type not in ("meta", "disk") and dev not in out:
+                out.append(dev)
+        return out
 
     def make_cache(self, spec: str | None = None) -> Any:
         """A fresh cache for ``spec`` (default: this cell's policy), attached to the model."""
@@ -165,6 +179,9 @@ def resolve_params(task: Task, overrides: dict[str, Any]) -> dict[str, Any]:
     for key, (low, high) in (getattr(task, "limits", None) or {}).items():
         if key in params:
             _check_limit(task.name, key, params[key], low, high)
+    check = getattr(task, "check_params", None)
+    if check is not None:
+        check(params)
     choices = getattr(task, "choices", None) or {}
     for key, allowed in choices.items():
         if key in params:

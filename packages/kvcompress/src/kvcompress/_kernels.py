@@ -266,7 +266,20 @@ def launch(kernel, grid: tuple, key: tuple, args: tuple, consts: dict, **options
     options, device); integer arguments should be ``do_not_specialize`` and possibly unaligned pointers
     ``do_not_specialize_on_alignment``. Later calls go straight to Triton's C launcher (see
     :func:`_direct`) unless a launch hook (a profiler) is set.
+
+    ``key[0]`` is the device of the kernel's tensors (every caller's key starts with it). Triton launches on
+    the *current* CUDA device, and nothing sets it for a layer of a model spread over GPUs (accelerate's
+    hooks move tensors only): a kernel on another GPU than the current one is launched with its GPU current.
     """
+    device = key[0] if key and isinstance(key[0], torch.device) else None
+    if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            _launch(kernel, grid, key, args, consts, options)
+        return
+    _launch(kernel, grid, key, args, consts, options)
+
+
+def _launch(kernel, grid: tuple, key: tuple, args: tuple, consts: dict, options: dict) -> None:
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **consts, **options)

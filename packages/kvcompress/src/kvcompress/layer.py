@@ -89,6 +89,18 @@ class CompressedLayer(CacheLayerMixin):
             raise AttributeError("CompressedLayer.values is what the store holds; it cannot be assigned")
 
     @property
+    def positions(self) -> torch.Tensor | None:
+        """The token position each stored slot holds, ``[B, H_kv, S]`` int32, -1 where a slot holds padding
+        or is unused (masked by a ``-inf`` bias), or None before the first update: which tokens a policy
+        kept."""
+        if not self.slots.tensors:
+            return None
+        pos, live = self.slots.view("positions"), self.slots.view("valid")
+        if "bias" in self.slots.tensors:  # a slot an adaptive plan left unused is masked by its -inf bias
+            live = live & (self.slots.view("bias") > float("-inf"))
+        return torch.where(live, pos, torch.full_like(pos, -1))
+
+    @property
     def is_croppable(self) -> bool:  # a rollback cannot bring evicted tokens back
         return self.evictions == 0
 

@@ -112,6 +112,13 @@ def _layers_static(cache: CompressedCache, max_new_tokens: int) -> list[_Static]
 
 
 @torch.no_grad()
+def _cache_argument(model: Any) -> str:
+    """``cache`` where the model's forward takes it (newer transformers), else ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tokens: int,
                     attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
     """Greedy decoding of ``max_new_tokens`` after ``input_ids`` ``[B, n]`` with ``cache``; returns the new
@@ -130,8 +137,9 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache_kw = {_cache_argument(model): cache}  # `cache=` where transformers takes it, else `past_key_values=`
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
+                logits_to_keep=1, **cache_kw)
     tokens = torch.empty((b, max_new_tokens), dtype=torch.long, device=device)
     tokens[:, 0] = out.logits[:, -1].argmax(-1)
     if max_new_tokens == 1:
@@ -143,8 +151,8 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
     step = torch.ones((1,), dtype=torch.long, device=device)
 
     def decode_step() -> None:
-        logits = model(input_ids=ids, position_ids=pos, cache_position=cpos, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, position_ids=pos, cache_position=cpos, use_cache=True,
+                       logits_to_keep=1, **cache_kw).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         tokens.index_copy_(1, step, nxt)
         ids.copy_(nxt)

@@ -59,9 +59,12 @@ class MaxBatchTask:
         return {"max_batch": fits, "oom_at": fails, "limit": limit, "cudnn_sdpa": cudnn,
                 "decode_tokens_per_s": best.get("decode_tokens_per_s"), "kv_bytes": best.get("kv_bytes"),
                 "allocator_peak_bytes": best.get("allocator_peak_bytes"),
+                "allocator_peak_by_device": best.get("allocator_peak_by_device"),
+                "kv_bytes_by_device": best.get("kv_bytes_by_device"),
                 "attempts": [{"batch": k, **v} for k, v in sorted(tried.items())]}
 
     def _attempt(self, ctx: TaskContext, batch: int) -> dict[str, Any]:
+        import kvcompress
         import torch
 
         from ..decoding import forward, prefill, sync
@@ -69,21 +72,24 @@ class MaxBatchTask:
 
         cache = None
         try:
-            if ctx.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(ctx.device)
+            cuda = [d for d in ctx.all_devices if d.type == "cuda"]
+            for d in cuda:
+                torch.cuda.reset_peak_memory_stats(d)
             ids = batch_ids(ctx, batch)
             cache = ctx.make_cache()
             logits = prefill(ctx.model, ids, cache, chunk=ctx.chunk or int(ctx.params["prefill_chunk"]))
             steps = []
             for _ in range(int(ctx.params["new_tokens"])):
-                sync(ctx.device)
+                sync(ctx.all_devices)
                 t0 = time.perf_counter()
                 logits = forward(ctx.model, logits.argmax(-1, keepdim=True), cache, last_only=True)[:, -1]
-                sync(ctx.device)
+                sync(ctx.all_devices)
                 steps.append(time.perf_counter() - t0)
-            peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
+            by_device = {str(d): torch.cuda.max_memory_allocated(d) for d in cuda}
             result = {"fits": True, "decode_tokens_per_s": batch / statistics.median(steps),
-                      "kv_bytes": kv_bytes(cache), "allocator_peak_bytes": peak}
+                      "kv_bytes": kv_bytes(cache), "allocator_peak_bytes": sum(by_device.values()) if cuda else None,
+                      "allocator_peak_by_device": by_device or None,
+                      "kv_bytes_by_device": kvcompress.kv_bytes(cache, by_device=True)}
         except Exception as exc:
             if not is_oom(exc):
                 raise

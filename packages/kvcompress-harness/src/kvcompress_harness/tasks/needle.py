@@ -12,7 +12,7 @@ import re
 from typing import Any, ClassVar
 
 from ..task import TaskContext
-from .common import mean
+from .common import mean, mean_known
 from .prompts import fit_facts, numbers, split_prompt
 from .retrieval import COMPRESS_MODES, answer
 
@@ -49,7 +49,8 @@ class NeedleTask:
     limits: ClassVar[dict[str, tuple]] = {"depths": (0.0, 1.0), "trials": (1, None), "new_tokens": (1, None),
                                           "needles": (1, len(CITIES)), "values": (1, 8)}
     compress_modes = COMPRESS_MODES
-    labels: ClassVar[dict[str, str]] = {"accuracy": "needle values found (fraction)"}
+    labels: ClassVar[dict[str, str]] = {"accuracy": "needle values found (fraction)",
+                                        "fact_kept": "share of the fact's value tokens the cache held"}
 
     def run(self, ctx: TaskContext) -> dict[str, Any]:
         """Greedy answer per (depth, trial): the share of the asked city's numbers among the answer's."""
@@ -58,7 +59,8 @@ class NeedleTask:
         n_needles, n_values = int(ctx.params["needles"]), int(ctx.params["values"])
         new = max(int(ctx.params["new_tokens"]), 9 * n_values)
         per_depth: dict[str, float] = {}
-        hits, kv, held = [], [], {}
+        kept_by_depth: dict[str, float | None] = {}
+        hits, kv, kept, held = [], [], [], {}
         for depth in ctx.params["depths"]:
             depth_hits = []
             for _ in range(int(ctx.params["trials"])):
@@ -72,12 +74,16 @@ class NeedleTask:
                     for d, c in zip(distractor_depths(n_needles - 1), cities[1:])]
                 tail = (TAIL if n_values == 1 else TAIL_MANY).format(city=asked)
                 text = fit_facts(ctx.tokenizer, HEAD, units, facts, tail, ctx.length)
-                prompt = split_prompt(ctx.tokenizer, text, tail, ctx.device, chat=bool(ctx.params["chat"]))
+                prompt = split_prompt(ctx.tokenizer, text, tail, ctx.device, chat=bool(ctx.params["chat"]),
+                                      mark=values[0])
                 tokens, held = answer(ctx, prompt, new)
                 said = numbers(ctx.tokenizer.decode(tokens, skip_special_tokens=True))
                 said = said[:1] if n_values == 1 else said
                 depth_hits.append(sum(v in said for v in values) / n_values)
                 kv.append(held["kv_bytes"])
+                kept.append(held["fact_kept"])
             per_depth[f"{float(depth):g}"] = mean(depth_hits)
+            kept_by_depth[f"{float(depth):g}"] = mean_known(kept[len(kept) - len(depth_hits):])
             hits.extend(depth_hits)
-        return {"accuracy": mean(hits), "by_depth": per_depth, "trials": len(hits), **held, "kv_bytes": max(kv)}
+        return {"accuracy": mean(hits), "by_depth": per_depth, "trials": len(hits), **held, "kv_bytes": max(kv),
+                "fact_kept": mean_known(kept), "fact_kept_by_depth": kept_by_depth}

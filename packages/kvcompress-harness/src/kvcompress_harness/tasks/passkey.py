@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ..task import TaskContext
-from .common import mean
+from .common import mean, mean_known
 from .prompts import first_number, fit_units, split_prompt
 from .retrieval import COMPRESS_MODES, answer
 
@@ -27,26 +27,32 @@ class PasskeyTask:
                                           "chat": False}
     limits: ClassVar[dict[str, tuple]] = {"depths": (0.0, 1.0), "trials": (1, None), "new_tokens": (1, None)}
     compress_modes = COMPRESS_MODES
-    labels: ClassVar[dict[str, str]] = {"accuracy": "pass keys found (fraction)"}
+    labels: ClassVar[dict[str, str]] = {"accuracy": "pass keys found (fraction)",
+                                        "fact_kept": "share of the fact's value tokens the cache held"}
 
     def run(self, ctx: TaskContext) -> dict[str, Any]:
         """Greedy answer per (depth, trial); correct when its first number is the key."""
         rng = ctx.rng()
         per_depth: dict[str, float] = {}
-        hits, prompt_tokens, kv, held = [], [], [], {}
+        kept_by_depth: dict[str, float | None] = {}
+        hits, prompt_tokens, kv, kept, held = [], [], [], [], {}
         for depth in ctx.params["depths"]:
             depth_hits = []
             for _ in range(int(ctx.params["trials"])):
                 key = str(rng.randint(10000, 99999))
                 units = [FILLER] * (ctx.length // 4 + 8)
                 text = fit_units(ctx.tokenizer, HEAD, units, FACT.format(key=key), TAIL, ctx.length, depth)
-                prompt = split_prompt(ctx.tokenizer, text, TAIL, ctx.device, chat=bool(ctx.params["chat"]))
+                prompt = split_prompt(ctx.tokenizer, text, TAIL, ctx.device, chat=bool(ctx.params["chat"]),
+                                      mark=key)
                 tokens, held = answer(ctx, prompt, int(ctx.params["new_tokens"]))
                 reply = ctx.tokenizer.decode(tokens, skip_special_tokens=True)
                 depth_hits.append(float(first_number(reply) == key))
                 prompt_tokens.append(prompt.length)
                 kv.append(held["kv_bytes"])
+                kept.append(held["fact_kept"])
             per_depth[f"{float(depth):g}"] = mean(depth_hits)
+            kept_by_depth[f"{float(depth):g}"] = mean_known(kept[len(kept) - len(depth_hits):])
             hits.extend(depth_hits)
         return {"accuracy": mean(hits), "by_depth": per_depth, "trials": len(hits),
-                "prompt_tokens": mean(prompt_tokens), **held, "kv_bytes": max(kv)}
+                "prompt_tokens": mean(prompt_tokens), **held, "kv_bytes": max(kv),
+                "fact_kept": mean_known(kept), "fact_kept_by_depth": kept_by_depth}

@@ -59,6 +59,7 @@ class Prompt:
 
     context: torch.Tensor
     question: torch.Tensor
+    marked: tuple[int, ...] = ()  # positions of the tokens that carry the fact asked for (see split_prompt)
 
     @property
     def length(self) -> int:
@@ -66,9 +67,11 @@ class Prompt:
         return int(self.context.shape[1] + self.question.shape[1])
 
 
-def split_prompt(tokenizer: Any, prompt: str, question: str, device: torch.device, chat: bool = False) -> Prompt:
+def split_prompt(tokenizer: Any, prompt: str, question: str, device: torch.device, chat: bool = False,
+                 mark: str | None = None) -> Prompt:
     """Token ids of ``prompt`` (ending in ``question``) as context + question, through the chat template when
-    ``chat``.
+    ``chat``; ``marked`` holds the positions of the tokens overlapping the first ``mark`` in the text (the
+    fact's value), so that what a cache kept of it can be read.
 
     The whole text is tokenised once and cut at the first token that reaches into the question, so both
     compression modes feed exactly the ids a plain tokenisation of the prompt gives (tokenising the two parts
@@ -93,8 +96,14 @@ def split_prompt(tokenizer: Any, prompt: str, question: str, device: torch.devic
     k = next((i for i, (start, end) in enumerate(offsets) if end > cut and end > start), len(ids))
     if k == 0 or k == len(ids):
         raise HarnessError("prompt: empty context or question")
+    marked: tuple[int, ...] = ()
+    if mark:
+        at = text.find(mark)
+        if at < 0:
+            raise HarnessError(f"prompt: the marked text {mark!r} is not in the prompt")
+        marked = tuple(i for i, (start, end) in enumerate(offsets) if start < at + len(mark) and end > at)
     whole = torch.tensor([ids], dtype=torch.long, device=device)
-    return Prompt(whole[:, :k], whole[:, k:])
+    return Prompt(whole[:, :k], whole[:, k:], marked)
 
 
 def encode(tokenizer: Any, prompt: str, device: torch.device, chat: bool = False) -> torch.Tensor:

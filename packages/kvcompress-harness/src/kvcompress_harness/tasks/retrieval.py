@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..task import TaskContext
-from .common import kv_bytes
+from .common import kept_share, kv_bytes
 from .prompts import Prompt
 
 COMPRESS_MODES = ("prompt", "context")
@@ -21,7 +21,8 @@ COMPRESS_MODES = ("prompt", "context")
 
 def answer(ctx: TaskContext, prompt: Prompt, new_tokens: int, eos_token_id: int | None = None
            ) -> tuple[list[int], dict[str, Any]]:
-    """Greedy answer tokens and what the cache held (``kv_bytes`` at the end, ``context_kv_bytes``)."""
+    """Greedy answer tokens and what the cache held (``kv_bytes`` at the end, ``context_kv_bytes``;
+    ``fact_kept``: the share of the prompt's marked tokens the cache holds at the end, None when unknown)."""
     import torch
 
     from ..decoding import greedy, prefill
@@ -31,7 +32,7 @@ def answer(ctx: TaskContext, prompt: Prompt, new_tokens: int, eos_token_id: int 
     if mode == "prompt":
         ids = torch.cat([prompt.context, prompt.question], dim=1)
         gen = greedy(ctx.model, ids, cache, new_tokens, chunk=ctx.chunk, eos_token_id=eos_token_id)
-        return gen.tokens, {"kv_bytes": kv_bytes(cache)}
+        return gen.tokens, {"kv_bytes": kv_bytes(cache), "fact_kept": kept_share(cache, prompt.marked)}
     prefill(ctx.model, prompt.context, cache, chunk=ctx.chunk)
     controls = hasattr(cache, "compress") and hasattr(cache, "freeze")
     if controls:
@@ -43,4 +44,5 @@ def answer(ctx: TaskContext, prompt: Prompt, new_tokens: int, eos_token_id: int 
     finally:
         if controls:
             cache.freeze(False)
-    return gen.tokens, {"kv_bytes": kv_bytes(cache), "context_kv_bytes": held, "context_compressed": controls}
+    return gen.tokens, {"kv_bytes": kv_bytes(cache), "context_kv_bytes": held, "context_compressed": controls,
+                        "fact_kept": kept_share(cache, prompt.marked)}

@@ -4,6 +4,9 @@ Every policy of a cell and ``full`` are prefilled side by side and held at once;
 alternate between them in a shuffled order each round, so that drift of the host (other processes, clocks)
 hits every policy within one step. The headline is the median over steps of (policy step / ``full`` step of
 the same round); the ratio of mean steps is beside it (it also counts the rare steps that compress).
+
+``graphs=true`` adds the graph phase (``graphs.py``): whole greedy decodes through ``kvcompress.static_generate``
+(CUDA graphs on a GPU) against ``full`` in eager ``model.generate``; ``paired=false`` leaves the paired steps out.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from .common import kv_bytes
 from .inputs import batch_ids, cudnn_sdpa, is_oom, release
 
 LABELS = {"decode_tokens_per_s": "decode tokens/s (all sequences of the batch)",
+          "graph_ms_per_token": "static_generate decode ms per step (CUDA graphs on a GPU)",
+          "generate_ms_per_token": "model.generate decode ms per step (eager full)",
           "median_step_ratio": "decode step time / full's (median of paired steps)",
           "prefill_s": "prefill time (s)"}
 
@@ -29,8 +34,10 @@ class SpeedTask:
     primary = "decode_tokens_per_s"
     higher_is_better = True
     default_lengths = (256, 512, 1024)
-    defaults: ClassVar[dict[str, Any]] = {"new_tokens": 32, "warmup": 4, "cudnn_sdpa": False, "hold": 0}
-    limits: ClassVar[dict[str, tuple]] = {"new_tokens": (1, None), "warmup": (0, None), "hold": (0, None)}
+    defaults: ClassVar[dict[str, Any]] = {"new_tokens": 32, "warmup": 4, "cudnn_sdpa": False, "hold": 0,
+                                          "paired": True, "graphs": False, "graph_rounds": 3}
+    limits: ClassVar[dict[str, tuple]] = {"new_tokens": (1, None), "warmup": (0, None), "hold": (0, None),
+                                          "graph_rounds": (1, None)}
     needs_text = False
     supports_batch = True
     labels: ClassVar[dict[str, str]] = LABELS
@@ -40,13 +47,37 @@ class SpeedTask:
         specs = ["full"] if ctx.spec == "full" else ["full", ctx.spec]
         return self.run_group(ctx, specs)[ctx.spec]
 
-    def run_group(self, ctx: TaskContext, specs: list[str]) -> dict[str, dict[str, Any]]:
-        """Every spec of the cell (``full`` first) measured in one process, decode steps paired with ``full``'s.
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Something to measure: the paired steps, the graph phase or both."""
+        if not params["paired"] and not params["graphs"]:
+            from ..errors import HarnessError
 
-        ``hold`` > 0 holds at most that many policies beside ``full`` at once (a long context at a large batch
-        may not fit them all): the policies are then paired with ``full`` in rounds of ``hold``, and ``full``'s
-        own numbers come from the first round.
-        """
+            raise HarnessError("--param speed.paired: got false with speed.graphs false; allowed: paired=true, "
+                               "or graphs=true (then paired=false measures only the graph phase)")
+
+    def run_group(self, ctx: TaskContext, specs: list[str]) -> dict[str, dict[str, Any]]:
+        """Every spec of the cell (``full`` first) measured in one process: the paired steps, then with
+        ``graphs`` the graph phase, whose ratios use the paired steps as each policy's eager time."""
+        out = self._paired_in_rounds(ctx, specs) if ctx.params.get("paired", True) else {s: {} for s in specs}
+        if ctx.params.get("graphs"):
+            from .graphs import graph_phase
+
+            graphs = graph_phase(ctx, specs, int(ctx.params["new_tokens"]), int(ctx.params["graph_rounds"]))
+            for spec, m in graphs.items():
+                eager, graph = out[spec].get("decode_ms_per_token"), m.get("graph_ms_per_token")
+                if eager is not None and spec != "full":
+                    m["eager_ms_per_token"] = eager
+                    if graph:
+                        m["graph_speedup_over_eager"] = eager / graph
+                if "kv_bytes" not in out[spec] and "graph_kv_bytes" in m:
+                    out[spec].update(kv_bytes=m["graph_kv_bytes"], batch=ctx.batch)
+                out[spec].update(m)
+        return out
+
+    def _paired_in_rounds(self, ctx: TaskContext, specs: list[str]) -> dict[str, dict[str, Any]]:
+        """The paired steps. ``hold`` > 0 holds at most that many policies beside ``full`` at once (a long
+        context at a large batch may not fit them all): the policies are then paired with ``full`` in rounds of
+        ``hold``, and ``full``'s own numbers come from the first round."""
         hold = int(ctx.params.get("hold") or 0)
         others = [s for s in specs if s != "full"]
         if not hold or len(others) <= hold:
@@ -58,12 +89,12 @@ class SpeedTask:
         return out
 
     def _paired(self, ctx: TaskContext, specs: list[str]) -> dict[str, dict[str, Any]]:
-        import torch
 
         from ..decoding import forward, prefill, sync
         from ..memory import PeakMemory
 
         new, warm = int(ctx.params["new_tokens"]), int(ctx.params["warmup"])
+        devices = ctx.all_devices
         ids = batch_ids(ctx)
         out: dict[str, dict[str, Any]] = {}
         state: dict[str, list[Any]] = {}
@@ -82,15 +113,16 @@ class SpeedTask:
             for spec in [s for s in specs if s not in out]:
                 try:
                     cache = ctx.make_cache(spec)
-                    with PeakMemory(ctx.device) as mem:
-                        sync(ctx.device)
+                    with PeakMemory(devices) as mem:
+                        sync(devices)
                         t0 = time.perf_counter()
                         logits = prefill(ctx.model, ids, cache, chunk=ctx.chunk, progress=ctx.progress)
-                        sync(ctx.device)
+                        sync(devices)
                         prefill_s = time.perf_counter() - t0
                     state[spec] = [cache, logits.argmax(-1, keepdim=True), []]
                     out[spec] = {"prefill_s": prefill_s, "prefill_tokens_per_s": ids.numel() / prefill_s,
-                                 "peak_memory_bytes": mem.peak_bytes, "peak_memory_kind": mem.kind}
+                                 "peak_memory_bytes": mem.peak_bytes, "peak_memory_kind": mem.kind,
+                                 "peak_memory_by_device": mem.by_device}
                 except Exception as exc:
                     if not is_oom(exc):
                         raise
@@ -102,10 +134,10 @@ class SpeedTask:
                 for spec in order.sample(list(state), len(state)):
                     cache, token, steps = state[spec]
                     try:
-                        sync(ctx.device)
+                        sync(devices)
                         t0 = time.perf_counter()
                         logits = forward(ctx.model, token, cache, last_only=True)[:, -1]
-                        sync(ctx.device)
+                        sync(devices)
                     except Exception as exc:
                         if not is_oom(exc):
                             raise
@@ -116,8 +148,7 @@ class SpeedTask:
                         continue
                     steps.append(time.perf_counter() - t0)
                     state[spec][1] = logits.argmax(-1, keepdim=True)
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize(ctx.device)
+            sync(devices)
         full_steps = state["full"][2][warm:] if "full" in state else None
         for spec, (cache, _, steps) in state.items():
             out[spec].update(_decode_metrics(steps[warm:], full_steps, ids.shape[0]))
