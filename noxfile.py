@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import nox
 
-PACKAGES = ["kvcompress", "kvcompress-harness", "kvcompress-h2o", "kvcompress-quant", "kvcompress-learned"]
+PACKAGES = [
+    "kvcompress", "kvcompress-harness", "kvcompress-h2o", "kvcompress-quant", "kvcompress-cluster",
+    "kvcompress-lowrank", "kvcompress-sketch", "kvcompress-learned",
+]
 TORCH = "torch==2.13.0"
 nox.options.sessions = ["tests", "lint", "docs"]
 

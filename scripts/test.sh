@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-packages=(kvcompress kvcompress-h2o kvcompress-quant kvcompress-learned kvcompress-harness)
+packages=(kvcompress kvcompress-h2o kvcompress-quant kvcompress-cluster kvcompress-lowrank kvcompress-sketch kvcompress-learned kvcompress-harness)
 editables=()
 for p in "${packages[@]}"; do
   extras=test

@@ -49,6 +49,23 @@ def test_tova_keeps_what_the_last_query_attends_to(budget, step, prompt_len, dec
             assert torch.equal(after, before)
 
 
+@settings(max_examples=25, deadline=None)
+@given(budget=st.integers(2, 16), prompt_len=st.integers(1, 30), groups=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_tova_layer_heads_keep_one_set_by_the_mean_attention(budget, prompt_len, groups, seed):
+    policy = TOVA(budget=budget, step=1, heads="layer")
+    layer = CompressedLayer(policy, None, 0)
+    gen = torch.Generator().manual_seed(seed)
+    weights, before, after = _forward(layer, policy, prompt_len, groups, gen)
+    if prompt_len < budget + 1:
+        assert torch.equal(after, before)
+        return
+    last = weights[:, :, :, -1].sum(2).mean(1)[0]  # [S]: the latest query, averaged over every head
+    kept = set(after[0, 0].tolist())
+    assert kept == set(after[0, 1].tolist()) and len(kept) == budget  # the same tokens in every head
+    score = {int(p): float(last[j]) for j, p in enumerate(before[0, 0])}
+    assert min(score[p] for p in kept) >= max(s for p, s in score.items() if p not in kept) - 1e-6
+
+
 @settings(max_examples=40, deadline=None)
 @given(budget=st.integers(4, 16), votes=st.integers(1, 6), pool=st.sampled_from([1, 3, 5]),
        prompt_len=st.integers(20, 40), groups=st.integers(1, 3), seed=st.integers(0, 2**16))

@@ -26,6 +26,11 @@ class TOVA(SelectionPolicy):
     needs_attention: ClassVar[bool] = True
     slot_states: ClassVar[dict[str, str]] = {"last": "float32"}
 
+    heads: str = param("each", choices=("each", "layer"),
+                       help="each: every kv head keeps what its own query heads attend to; layer: one score, "
+                            "the attention averaged over all the layer's heads, keeps the same tokens in every "
+                            "head (the paper's)")
+
     def accumulated_attention(self) -> tuple[str, str, str]:
         return "last", "sum", "set"  # a decode step's attention replaces the last one
 
@@ -40,7 +45,10 @@ class TOVA(SelectionPolicy):
         ctx.state["last"].copy_(weights[:, :, :, -1].sum(2, dtype=torch.float32))
 
     def score(self, ctx: SlotContext) -> torch.Tensor:
-        return ctx.state["last"]
+        last = ctx.state["last"]
+        if self.heads == "layer":
+            return last.mean(1, keepdim=True).expand_as(last)
+        return last
 
 
 @dataclass

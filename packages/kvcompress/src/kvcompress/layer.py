@@ -270,6 +270,9 @@ class CompressedLayer(CacheLayerMixin):
         if self.is_initialized and self.slots.length > 0:
             self.slots.select_batch(index)
             self.store.select_batch(index)
+            select = getattr(self.bound, "select_batch", None)
+            if select is not None:  # the policy's own per-batch-row state follows the rows
+                select(index)
 
     def offload(self) -> None:  # the buffers stay where they are
         pass
@@ -399,10 +402,13 @@ class CompressedLayer(CacheLayerMixin):
         return index.view(1, 1, -1).expand(b, h, -1)
 
     def held_tensors(self) -> list[torch.Tensor]:
-        """Every tensor this layer holds: stored K/V (however represented), the slot table, cached indices."""
+        """Every tensor this layer holds: stored K/V (however represented), the slot table, cached indices and
+        the tensors of the policy's bound state, if that state lists them (``tensors()``)."""
         if not self.is_initialized:
             return []
-        return [*self.store.tensors(), *self.slots.tensors.values(), *self._shared_keep.values()]
+        bound = getattr(self.bound, "tensors", None)
+        own = list(bound()) if bound is not None else []
+        return [*self.store.tensors(), *self.slots.tensors.values(), *self._shared_keep.values(), *own]
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds: stored K/V (however represented) and per-slot state."""

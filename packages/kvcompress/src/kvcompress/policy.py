@@ -136,7 +136,12 @@ class SelectionPolicy(Policy):
     def bind(self, layer: LayerInfo) -> Any:
         """Called once per layer, at its first update: return the layer's own state (counters, generators,
         weights sliced for this layer, running statistics...). It is ``ctx.bound`` in every later call for
-        that layer; two layers, or two caches from one spec, never share it. The default returns ``None``."""
+        that layer; two layers, or two caches from one spec, never share it. The default returns ``None``.
+
+        A state that holds tensors of its own (a sketch, running statistics per batch row) lists them in a
+        ``tensors()`` method, so that :func:`kvcompress.kv_bytes` counts them, and follows batch edits (beam
+        reordering, ``batch_select_indices``) in a ``select_batch(index)`` method; the layer calls both when
+        they exist."""
         return None
 
     def on_tokens(self, ctx: SlotContext) -> None:
