@@ -23,6 +23,10 @@ def _selection_policies() -> list[str]:
                   and issubclass(e.obj, kvcompress.SelectionPolicy))
 
 
+# a policy whose default loads weights shipped for real models gets its random-weights setting on a tiny one
+_TINY_MODEL_SETTINGS = {"learned": ",weights=random"}
+
+
 def _fill(model, cache, n: int) -> None:
     ids = torch.randint(1, 96, (2, n), generator=torch.Generator().manual_seed(n))
     with torch.no_grad():
@@ -38,7 +42,8 @@ def test_held_bytes_are_what_the_parameters_promise(name, budget, tokens):
     model = tiny_model("llama", max_position_embeddings=2048)
     full = DynamicCache()
     _fill(model, full, tokens)
-    cache = kvcompress.make_cache(f"{name}({budget},step=8)", model=model)
+    extra = _TINY_MODEL_SETTINGS.get(name, "")
+    cache = kvcompress.make_cache(f"{name}({budget},step=8{extra})", model=model)
     _fill(model, cache, tokens)
     policy, seen = cache.selection, cache.get_seq_length()
     layers, batch, heads, dim = len(cache.layers), 2, 2, 16
