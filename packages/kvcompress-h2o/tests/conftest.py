@@ -5,26 +5,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from kvcompress.testing import VOCAB, random_ids, tiny_model  # noqa: F401 (tests import them from here)
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-VOCAB = 97
-
-
-def tiny_model(arch: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 2,
-               dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A small decoder (hidden 64) with GQA ``heads / kv_heads``, seeded, in eval mode."""
-    config = (LlamaConfig if arch == "llama" else Qwen2Config)(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=16384,
-        pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model.eval().to(device)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +21,4 @@ def qwen2():
     return tiny_model("qwen2", heads=6, kv_heads=2)
 
 
-def prompt(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(2, VOCAB, (batch, n), generator=g)
+prompt = random_ids  # [batch, n] seeded ids: prompt(n, seed=0, batch=1)

@@ -1,0 +1,38 @@
+"""Tiny random-init decoder models for tests, ours and plugin authors': real architectures built from configs
+(seeded, no download). ``import kvcompress.testing`` imports torch and transformers; ``import kvcompress`` does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VOCAB = 97
+
+
+def tiny_model(arch: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 2, vocab: int = VOCAB,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
+               **config: Any):
+    """A seeded decoder (hidden 64, head_dim ``64 / heads``) with GQA ``heads / kv_heads``, sdpa attention, in
+    eval mode. ``arch``: ``llama`` or ``qwen2``; ``config`` overrides any config field."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    if arch not in classes:
+        raise ValueError(f"tiny_model: parameter 'arch' is {arch!r}; allowed: {', '.join(classes)}")
+    fields = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=16384,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(classes[arch](**{**fields, **config}), attn_implementation="sdpa",
+                                             dtype=dtype)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model.eval().to(device)
+
+
+def random_ids(n: int, seed: int = 0, batch: int = 1, vocab: int = VOCAB) -> torch.Tensor:
+    """``[batch, n]`` seeded token ids in ``2 .. vocab-1`` (no pad or bos)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (batch, n), generator=g)
