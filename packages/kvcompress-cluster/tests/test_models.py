@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 import kvcompress
 from kvcompress import Plan
+from kvcompress.testing import reachable_tensors
 
 MODES = ["cluster(budget={b},recent=8,clusters=4,step=4)",
          "cluster(budget={b},recent=8,clusters=4,step=4,fold=mean)",
@@ -130,33 +131,13 @@ def test_every_cluster_keeps_a_seat_after_eviction(qwen2):
             assert len(set(row.tolist())) == 6
 
 
-def _held_tensors(obj) -> dict[int, torch.Tensor]:
-    """Every tensor reachable from ``obj``'s attributes, dicts and lists (found independently of kv_bytes)."""
-    seen, stack, visited = {}, [obj], set()
-    while stack:
-        item = stack.pop()
-        if id(item) in visited:
-            continue
-        visited.add(id(item))
-        if isinstance(item, torch.Tensor):
-            seen[item.untyped_storage().data_ptr()] = item
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif hasattr(item, "__dict__") and not isinstance(item, type) and not callable(item):
-            skip = ("selection", "representation", "cache")
-            stack.extend(v for k, v in vars(item).items() if k not in skip)
-    return seen
-
-
 @pytest.mark.parametrize("spec", [MODES[0], MODES[2]])
 def test_kv_bytes_equal_held_storage_policy_state_included(spec, qwen2):
     cache = kvcompress.make_cache(spec.format(b=24), model=qwen2)
     stepwise_logits(qwen2, cache, prompt(60, batch=2), 10)
     held = {}
     for layer in cache.layers:
-        held.update(_held_tensors(layer))
+        held.update(reachable_tensors(layer))
     assert kvcompress.kv_bytes(cache) == sum(t.untyped_storage().nbytes() for t in held.values())
 
 

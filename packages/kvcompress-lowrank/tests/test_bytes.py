@@ -4,31 +4,11 @@ shared RoPE table included), and they really shrink."""
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import HEAD_DIM, greedy_logits, ids, tiny_model
 from transformers import DynamicCache
 
 import kvcompress
-
-
-def _held(obj) -> dict[int, torch.Tensor]:
-    """Every tensor reachable from ``obj``'s attributes, dicts, lists and tuples (found independently of the
-    store's ``tensors()``), by storage."""
-    seen, stack, visited = {}, [obj], set()
-    while stack:
-        item = stack.pop()
-        if id(item) in visited:
-            continue
-        visited.add(id(item))
-        if isinstance(item, torch.Tensor):
-            seen[item.untyped_storage().data_ptr()] = item
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif hasattr(item, "__dict__") and not isinstance(item, type) and not callable(item):
-            stack.extend(v for k, v in vars(item).items() if k not in ("selection", "representation"))
-    return seen
+from kvcompress.testing import reachable_tensors
 
 
 @pytest.mark.parametrize(
@@ -45,7 +25,7 @@ def test_kv_bytes_equal_the_bytes_held(spec):
     greedy_logits(model, ids(60, batch=2), cache, steps=10)
     held = {}
     for layer in cache.layers:
-        held.update(_held(layer))
+        held.update(reachable_tensors(layer))
     assert kvcompress.kv_bytes(cache) == sum(t.untyped_storage().nbytes() for t in held.values())
 
 

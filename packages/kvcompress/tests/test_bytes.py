@@ -8,27 +8,7 @@ from conftest import greedy_logits, tiny_model
 from transformers import DynamicCache
 
 import kvcompress
-
-
-def _held_tensors(obj, seen=None) -> dict[int, torch.Tensor]:
-    """Every tensor reachable from ``obj``'s attributes, dicts and lists (found independently of nbytes())."""
-    seen = {} if seen is None else seen
-    stack = [obj]
-    visited = set()
-    while stack:
-        item = stack.pop()
-        if id(item) in visited:
-            continue
-        visited.add(id(item))
-        if isinstance(item, torch.Tensor):
-            seen[item.untyped_storage().data_ptr()] = item
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif hasattr(item, "__dict__") and not isinstance(item, type) and not callable(item):
-            stack.extend(v for k, v in vars(item).items() if k not in ("selection", "representation"))
-    return seen
+from kvcompress.testing import reachable_tensors
 
 
 @pytest.mark.parametrize("spec", ["full", "window(budget=16)", "sink(budget=24,step=8)", "random(budget=9)"])
@@ -39,7 +19,7 @@ def test_kv_bytes_equal_held_storage(spec):
     layers = [layer for layer in cache.layers]
     held = {}
     for layer in layers:
-        held.update(_held_tensors(layer))
+        held.update(reachable_tensors(layer))
     storage_bytes = sum(t.untyped_storage().nbytes() for t in held.values())
     assert kvcompress.kv_bytes(cache) == storage_bytes
 
@@ -79,7 +59,7 @@ def test_bound_state_tensors_are_counted_and_follow_batch_edits(monkeypatch):
     greedy_logits(model, torch.randint(1, 96, (3, 30)), cache, steps=3)
     held = {}
     for layer in cache.layers:
-        held.update(_held_tensors(layer))
+        held.update(reachable_tensors(layer))
     assert kvcompress.kv_bytes(cache) == sum(t.untyped_storage().nbytes() for t in held.values())
     own = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.bound.tensors())
     assert own == 2 * 3 * 8 * 4  # 2 layers x 3 rows x 8 float32, inside the reported bytes

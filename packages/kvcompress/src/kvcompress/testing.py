@@ -36,3 +36,26 @@ def random_ids(n: int, seed: int = 0, batch: int = 1, vocab: int = VOCAB) -> tor
     """``[batch, n]`` seeded token ids in ``2 .. vocab-1`` (no pad or bos)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, vocab, (batch, n), generator=g)
+
+
+def reachable_tensors(obj: Any, skip: tuple[str, ...] = ("selection", "representation", "cache")
+                      ) -> dict[int, torch.Tensor]:
+    """Every tensor reachable from ``obj`` through attributes, dicts, lists and tuples, by storage pointer: what
+    a layer really holds, found independently of its ``tensors()`` lists, to check ``kvcompress.kv_bytes``
+    against. Attributes named in ``skip`` (the policies, the layer's cache) are not followed."""
+    seen: dict[int, torch.Tensor] = {}
+    stack, visited = [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in visited:
+            continue
+        visited.add(id(item))
+        if isinstance(item, torch.Tensor):
+            seen[item.untyped_storage().data_ptr()] = item
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and not isinstance(item, type) and not callable(item):
+            stack.extend(v for k, v in vars(item).items() if k not in skip)
+    return seen
