@@ -63,3 +63,18 @@ def test_a_packed_store_is_refused():
     with pytest.raises(ValueError, match="allowed: the core's dense store"):
         kvcompress.static_generate(model, kvcompress.make_cache("sink(budget=8)+quant(bits=4)", model=model),
                                    torch.ones(1, 4, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_timings_split_the_call_and_change_nothing(device):
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(1)).to(device)
+    plain = kvcompress.static_generate(model, kvcompress.make_cache("sink(budget=16,step=4)", model=model), ids, 12)
+    timings = {"stale": 1.0}
+    timed = kvcompress.static_generate(model, kvcompress.make_cache("sink(budget=16,step=4)", model=model), ids, 12,
+                                       timings=timings)
+    assert torch.equal(plain, timed)
+    assert set(timings) == {"prefill_s", "setup_s", "steady_s", "steady_steps"}
+    assert all(v >= 0 for v in timings.values())
+    # on a GPU two of the 11 decode forwards are warm-up steps (in setup_s); eagerly every one is steady
+    assert timings["steady_steps"] == (9 if device == "cuda" else 11)

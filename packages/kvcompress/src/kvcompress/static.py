@@ -120,12 +120,18 @@ def _cache_argument(model: Any) -> str:
 
 
 def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tokens: int,
-                    attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+                    attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None,
+                    timings: dict[str, float] | None = None) -> torch.Tensor:
     """Greedy decoding of ``max_new_tokens`` after ``input_ids`` ``[B, n]`` with ``cache``; returns the new
     tokens ``[B, max_new_tokens]``. The prompt is prefilled eagerly (and compressed as the policy says); each
     decode step then runs over a static slot layout, captured as a CUDA graph on a GPU (``cuda_graph``:
     default True on CUDA) or run eagerly the same way elsewhere (the tests check both against eager decoding).
-    ``attention_mask`` (left padding) works as in ``generate``."""
+    ``attention_mask`` (left padding) works as in ``generate``.
+
+    ``timings``, a dict, is filled with where the time went (seconds, the device synchronised at each
+    boundary): ``prefill_s``; ``setup_s`` (the static layout, the warm-up steps and the graph capture);
+    ``steady_s`` over ``steady_steps`` decode steps (replays, or eager static steps, each with its eviction
+    when due). Without it nothing synchronises."""
     if max_new_tokens < 1:
         raise ValueError(f"static_generate: parameter 'max_new_tokens' is {max_new_tokens}; allowed: >= 1")
     _check(cache)
@@ -138,11 +144,14 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
         attention_mask = torch.ones_like(input_ids)
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache_kw = {_cache_argument(model): cache}  # `cache=` where transformers takes it, else `past_key_values=`
+    clock = _Clock(timings, device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
                 logits_to_keep=1, **cache_kw)
     tokens = torch.empty((b, max_new_tokens), dtype=torch.long, device=device)
     tokens[:, 0] = out.logits[:, -1].argmax(-1)
+    clock.mark("prefill_s")
     if max_new_tokens == 1:
+        clock.steady(0)
         return tokens
     layers = _layers_static(cache, max_new_tokens)
     ids = tokens[:, :1].clone()
@@ -166,9 +175,11 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
 
     remaining = max_new_tokens - 1
     if not use_graph:
+        clock.mark("setup_s")
         for _ in range(remaining):
             decode_step()
             bookkeeping()
+        clock.steady(remaining)
         _release(layers)
         return tokens
     warm = min(2, remaining)  # real steps on a side stream: kernels compiled, allocator warmed
@@ -184,11 +195,41 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             decode_step()
-        for _ in range(remaining):
-            graph.replay()
-            bookkeeping()
+    clock.mark("setup_s")
+    for _ in range(remaining):
+        graph.replay()
+        bookkeeping()
+    clock.steady(remaining)
     _release(layers)
     return tokens
+
+
+class _Clock:
+    """``static_generate``'s optional timings: a synchronised wall clock, idle when no dict was given."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
+        self.timings, self.device = timings, device
+        if timings is not None:
+            timings.clear()
+            self.last = self._now()
+
+    def _now(self) -> float:
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.timings is not None:
+            now = self._now()
+            self.timings[name], self.last = now - self.last, now
+
+    def steady(self, steps: int) -> None:
+        if self.timings is not None:
+            self.mark("steady_s")
+            self.timings.setdefault("setup_s", 0.0)
+            self.timings["steady_steps"] = float(steps)
 
 
 def _release(layers: list[_Static]) -> None:
