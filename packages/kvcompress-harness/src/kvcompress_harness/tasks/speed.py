@@ -5,7 +5,8 @@ alternate between them in a shuffled order each round, so that drift of the host
 hits every policy within one step. The headline is the median over steps of (policy step / ``full`` step of
 the same round); the ratio of mean steps is beside it (it also counts the rare steps that compress).
 
-``graphs=true`` adds the graph phase (``graphs.py``): whole greedy decodes through ``kvcompress.static_generate``
+``profile_steps=N`` adds each policy's GPU time per step (``gpu_time.py``: torch.profiler over N more eager
+steps, after the timed ones) and the share of the step the host takes. ``graphs=true`` adds the graph phase (``graphs.py``): whole greedy decodes through ``kvcompress.static_generate``
 (CUDA graphs on a GPU) against ``full`` in eager ``model.generate``; ``paired=false`` leaves the paired steps out.
 """
 
@@ -18,12 +19,14 @@ from typing import Any, ClassVar
 
 from ..task import TaskContext
 from .common import kv_bytes
+from .gpu_time import gpu_ms_per_step
 from .inputs import batch_ids, cudnn_sdpa, is_oom, release
 
 LABELS = {"decode_tokens_per_s": "decode tokens/s (all sequences of the batch)",
           "graph_ms_per_token": "static_generate decode ms per step (CUDA graphs on a GPU)",
           "generate_ms_per_token": "model.generate decode ms per step (eager full)",
           "median_step_ratio": "decode step time / full's (median of paired steps)",
+          "gpu_ms_per_step": "GPU kernel time per eager decode step (torch.profiler)",
           "prefill_s": "prefill time (s)"}
 
 
@@ -35,9 +38,10 @@ class SpeedTask:
     higher_is_better = True
     default_lengths = (256, 512, 1024)
     defaults: ClassVar[dict[str, Any]] = {"new_tokens": 32, "warmup": 4, "cudnn_sdpa": False, "hold": 0,
-                                          "paired": True, "graphs": False, "graph_rounds": 3}
+                                          "paired": True, "graphs": False, "graph_rounds": 3,
+                                          "profile_steps": 0}
     limits: ClassVar[dict[str, tuple]] = {"new_tokens": (1, None), "warmup": (0, None), "hold": (0, None),
-                                          "graph_rounds": (1, None)}
+                                          "graph_rounds": (1, None), "profile_steps": (0, None)}
     needs_text = False
     supports_batch = True
     labels: ClassVar[dict[str, str]] = LABELS
@@ -69,6 +73,12 @@ class SpeedTask:
                     m["eager_ms_per_token"] = eager
                     if graph:
                         m["graph_speedup_over_eager"] = eager / graph
+                replay, gpu = m.get("graph_replay_ms_per_token"), out[spec].get("gpu_ms_per_step")
+                if replay and gpu:
+                    m["graph_replay_over_gpu"] = replay / gpu
+                full_step = out.get("full", {}).get("decode_ms_per_token")
+                if replay and full_step:
+                    m["graph_replay_speedup_over_full_step"] = full_step / replay
                 if "kv_bytes" not in out[spec] and "graph_kv_bytes" in m:
                     out[spec].update(kv_bytes=m["graph_kv_bytes"], batch=ctx.batch)
                 out[spec].update(m)
@@ -149,13 +159,34 @@ class SpeedTask:
                     steps.append(time.perf_counter() - t0)
                     state[spec][1] = logits.argmax(-1, keepdim=True)
             sync(devices)
+            profiled = int(ctx.params.get("profile_steps") or 0)
+            for spec in list(state) if profiled else []:
+                try:
+                    gpu = gpu_ms_per_step(lambda s=spec: self._step(ctx, state[s]), profiled, devices)
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    out[spec]["profile_error"] = f"OutOfMemoryError while profiling: {exc}".splitlines()[0]
+                    release(ctx.device)
+                    continue
+                if gpu is not None:
+                    out[spec].update(gpu_ms_per_step=gpu, profiled_steps=profiled)
         full_steps = state["full"][2][warm:] if "full" in state else None
         for spec, (cache, _, steps) in state.items():
             out[spec].update(_decode_metrics(steps[warm:], full_steps, ids.shape[0]))
+            if out[spec].get("gpu_ms_per_step") and out[spec].get("decode_ms_per_token"):
+                out[spec]["host_share"] = max(0.0, 1 - out[spec]["gpu_ms_per_step"] / out[spec]["decode_ms_per_token"])
             out[spec].update(kv_bytes=kv_bytes(cache), kv_bytes_by_device=_by_device(cache),
                              cudnn_sdpa=cudnn, batch=ids.shape[0], paired_with=list(state),
                              timing="paired single decode steps, shuffled order each round")
         return out
+
+    @staticmethod
+    def _step(ctx: TaskContext, entry: list[Any]) -> None:
+        """One more eager decode step of a held cache (``[cache, token, steps]``), untimed."""
+        from ..decoding import forward
+
+        entry[1] = forward(ctx.model, entry[1], entry[0], last_only=True)[:, -1].argmax(-1, keepdim=True)
 
 
 def _by_device(cache: Any) -> dict[str, int]:
