@@ -44,3 +44,44 @@ def test_prompt_observation_matches_torch(reduce, mask_kind, with_bias, dtype, q
     expected[:, :, :s] += reduced.sum(2)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(acc, expected, rtol=tol, atol=tol * q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's log-sum-exp needs a CUDA GPU")
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+@pytest.mark.parametrize("q,s,mask_kind", [(150, 150, None), (70, 200, "bool")])  # a prompt; a later chunk
+def test_attend_and_observe_matches_sdpa_and_torch(reduce, q, s, mask_kind):
+    g = torch.Generator(device="cuda").manual_seed(q * s)
+    b, hkv, grp, d = 2, 2, 3, 64
+    query = torch.randn(b, hkv * grp, q, d, device="cuda", generator=g).to(torch.bfloat16)
+    keys = torch.randn(b, hkv, s, d, device="cuda", generator=g).to(torch.bfloat16)
+    values = torch.randn(b, hkv, s, d, device="cuda", generator=g).to(torch.bfloat16)
+    causal = torch.arange(s, device="cuda")[None, :] <= torch.arange(q, device="cuda")[:, None] + (s - q)
+    mask = causal.expand(b, 1, q, s) if mask_kind else None
+    acc = torch.rand(b, hkv, s + 8, device="cuda", generator=g)
+    before = acc.clone()
+    out = _prefill_kernels.attend_and_observe(query, keys, values, mask, d**-0.5, None, acc, reduce)
+    assert out is not None and out.shape == (b, q, hkv * grp, d)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), keys.float().repeat_interleave(grp, 1), values.float().repeat_interleave(grp, 1),
+        attn_mask=causal, scale=d**-0.5).transpose(1, 2)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    weights = _weights(query.float(), keys.float(), causal.expand(b, 1, q, s), d**-0.5, 0, q)
+    reduced = weights.sum(2) if reduce == "sum" else weights.amax(2)
+    expected = before.clone()
+    expected[:, :, :s] += reduced.sum(2)
+    torch.testing.assert_close(acc, expected, rtol=2e-2, atol=2e-2 * q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's log-sum-exp needs a CUDA GPU")
+def test_attend_and_observe_leaves_padding_and_bias_to_the_two_passes():
+    b, h, q, d = 2, 2, 16, 32
+    query, keys = torch.randn(b, h, q, d, device="cuda").half(), torch.randn(b, h, q, d, device="cuda").half()
+    acc = torch.zeros(b, h, q, device="cuda")
+    padded = torch.ones(q, q, device="cuda").tril().bool().expand(b, 1, q, q).clone()
+    padded[1, :, :, :3] = False
+    bias = torch.zeros(b, h, q, device="cuda")
+    assert _prefill_kernels.attend_and_observe(query, keys, keys, padded, d**-0.5, None, acc, "sum") is None
+    assert _prefill_kernels.attend_and_observe(query, keys, keys, None, d**-0.5, bias, acc, "sum") is None
+    assert _prefill_kernels.attend_and_observe(query.float(), keys.float(), keys.float(), None, d**-0.5, None, acc,
+                                               "sum") is None
+    assert not acc.any()  # nothing half-done

@@ -10,6 +10,10 @@ prompt's own attention. Here two flash-style passes over the keys do it, never h
 
 The causal mask (queries bottom-right aligned, as sdpa's) or the model's 4-D mask and the per-slot bias
 apply as in attention.
+
+:func:`attend_and_observe` saves the first pass where it can: for a causal prompt (no padding, no bias) on a
+GPU, flash attention computes the output and hands back each query's log-sum-exp on the way, so only the
+second pass is added to the prompt's own attention.
 """
 
 from __future__ import annotations
@@ -120,6 +124,54 @@ BLOCK_M = 64
 BLOCK_N = 64
 
 
+def _applies(query: torch.Tensor, keys: torch.Tensor, acc: torch.Tensor, reduce: str) -> bool:
+    hq, d, hkv = query.shape[1], query.shape[3], keys.shape[1]
+    return (AVAILABLE and (query.device.type == "cuda" or INTERPRET) and not hq % hkv and not d & (d - 1)
+            and d >= 16 and reduce in ("sum", "max") and acc.dtype == torch.float32 and acc.is_contiguous())
+
+
+def _as_tiles(keys: torch.Tensor) -> torch.Tensor:
+    d, hkv = keys.shape[3], keys.shape[1]
+    if not (keys.stride(-1) == 1 and keys.stride(-2) == d and keys.stride(0) == hkv * keys.stride(1)):
+        keys = keys.contiguous()  # a narrow view of a [B, H, cap, D] buffer needs no copy
+    return keys
+
+
+_CAUSAL: dict = {}
+
+
+def _is_causal(mask: torch.Tensor | None, q: int, s: int) -> bool:
+    """Whether the model's mask is exactly the causal one, queries bottom-right aligned (no padding, no window):
+    one comparison on the device (a prompt's chunk, not a decode step, pays its synchronisation)."""
+    if mask is None:
+        return True
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (q, s):
+        return False
+    key = (mask.device, q, s)
+    if key not in _CAUSAL:
+        _CAUSAL.clear()  # one prompt's chunk shapes at a time
+        rows = torch.arange(q, device=mask.device).view(-1, 1) + (s - q)
+        _CAUSAL[key] = torch.arange(s, device=mask.device).view(1, -1) <= rows
+    return bool((mask[:, 0] == _CAUSAL[key]).all())
+
+
+def attend_and_observe(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float, bias: torch.Tensor | None,
+                       acc: torch.Tensor, reduce: str) -> torch.Tensor | None:
+    """A causal prompt's attention output ``[B, q, H_q, D]`` (transformers' layout) from flash attention, with
+    each slot's attention added to ``acc`` as :func:`prompt_observe` does, from the log-sum-exp flash returns.
+    ``None``, having done nothing, where this does not apply (off CUDA, a bias, padding or another mask, a
+    dtype or head size flash does not take): then attend and call :func:`prompt_observe`."""
+    q, d, s = query.shape[2], query.shape[3], keys.shape[2]
+    if (query.device.type != "cuda" or bias is not None or query.dtype not in (torch.float16, torch.bfloat16)
+            or d > 256 or q > s or not _applies(query, keys, acc, reduce) or not _is_causal(attention_mask, q, s)):
+        return None
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    out, lse = flash(query, keys, values, 0.0, q > 1, False, scale=scaling)[:2]  # lse: [B, H_q, q], natural log
+    _colsum(query, _as_tiles(keys), None, scaling, None, (lse * LOG2E).contiguous(), acc, reduce)
+    return out.transpose(1, 2).contiguous()
+
+
 def prompt_observe(query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
                    bias: torch.Tensor | None, acc: torch.Tensor, reduce: str) -> bool:
     """Add to ``acc`` ``[B, H_kv, >= S]`` (float32) the attention each of the ``S`` slots of ``keys``
@@ -128,17 +180,28 @@ def prompt_observe(query: torch.Tensor, keys: torch.Tensor, attention_mask: torc
     of each kv head by ``reduce`` ("sum" or "max") and summed over queries; ``bias`` ``[B, H_kv, S]`` as in
     attention. Returns False, having done nothing, where the kernels do not apply (then use torch ops)."""
     b, hq, q, d = query.shape
-    hkv, s = keys.shape[1], keys.shape[2]
-    if (not AVAILABLE or (query.device.type != "cuda" and not INTERPRET) or hq % hkv or d & (d - 1) or d < 16
-            or reduce not in ("sum", "max") or acc.dtype != torch.float32 or not acc.is_contiguous()):
+    s = keys.shape[2]
+    if not _applies(query, keys, acc, reduce):
         return False
     if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[-2:] != (q, s)):
         return False
-    query = query.contiguous()
-    if not (keys.stride(-1) == 1 and keys.stride(-2) == d and keys.stride(0) == hkv * keys.stride(1)):
-        keys = keys.contiguous()  # a narrow view of a [B, H, cap, D] buffer needs no copy
-    if bias is not None:
-        bias = bias.float().contiguous()
+    query, keys = query.contiguous(), _as_tiles(keys)
+    lse = torch.empty((b, hq, q), dtype=torch.float32, device=query.device)
+    consts, args = _consts(query, keys, attention_mask, bias)
+    mask, bias_in, smb, smq, smk = args
+    bias_in = bias_in if bias_in is not None else lse
+    launch(_lse_kernel, (triton.cdiv(q, BLOCK_M), b * hq), (query.device, query.dtype, mask.dtype, "lse",
+                                                            *consts.values()),
+           (query, keys, mask, bias_in, lse, q, s, s - q, keys.stride(1), scaling * LOG2E, smb, smq, smk), consts,
+           num_warps=4)
+    _colsum(query, keys, attention_mask, scaling, bias, lse, acc, reduce)
+    return True
+
+
+def _consts(query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None,
+            bias: torch.Tensor | None) -> tuple[dict, tuple]:
+    """The kernels' constexprs, and (mask, bias or None, mask strides) as they take them."""
+    hq, d, hkv = query.shape[1], query.shape[3], keys.shape[1]
     if attention_mask is None:
         mask_kind, mask, smb, smq, smk = 0, query, 0, 0, 0
     else:
@@ -146,17 +209,22 @@ def prompt_observe(query: torch.Tensor, keys: torch.Tensor, attention_mask: torc
         mask_kind = 1 if mask.dtype == torch.bool else 2
         smb = mask.stride(0) if mask.shape[0] > 1 else 0
         smq, smk = mask.stride(1), mask.stride(2)
-    lse = torch.empty((b, hq, q), dtype=torch.float32, device=query.device)
     consts = dict(HQ=hq, G=hq // hkv, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_KIND=mask_kind,
                   HAS_BIAS=bias is not None, DOT_F32=query.dtype == torch.float32)
-    bias_in = bias if bias is not None else lse
-    common = (query.device, query.dtype, mask.dtype)
-    launch(_lse_kernel, (triton.cdiv(q, BLOCK_M), b * hq), (*common, "lse", *consts.values()),
-           (query, keys, mask, bias_in, lse, q, s, s - q, keys.stride(1), scaling * LOG2E, smb, smq, smk), consts,
-           num_warps=4)
+    return consts, (mask, bias.float().contiguous() if bias is not None else None, smb, smq, smk)
+
+
+def _colsum(query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+            bias: torch.Tensor | None, lse: torch.Tensor, acc: torch.Tensor, reduce: str) -> None:
+    """The second pass: ``acc`` += each slot's attention, given every query's log2-sum-exp2 ``lse``."""
+    b, hq, q, _ = query.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    query = query.contiguous()
+    consts, (mask, bias_in, smb, smq, smk) = _consts(query, keys, attention_mask, bias)
+    bias_in = bias_in if bias_in is not None else lse
     consts["REDUCE_MAX"] = reduce == "max"
-    launch(_colsum_kernel, (triton.cdiv(s, BLOCK_N), b * hkv), (*common, "colsum", *consts.values()),
+    launch(_colsum_kernel, (triton.cdiv(s, BLOCK_N), b * hkv), (query.device, query.dtype, mask.dtype, "colsum",
+                                                                 *consts.values()),
            (query, keys, mask, bias_in, lse, acc, q, s, s - q, keys.stride(1), acc.shape[2], scaling * LOG2E, smb, smq,
             smk),
            consts, num_warps=4)
-    return True

@@ -207,14 +207,20 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         out, weights = decode_attention(query, key, value, attention_mask, scaling, bias)
         chunks = [(0, 1, weights)]
     else:
-        out = _sdpa(module, query, key, value, attention_mask, dropout, scaling, bias, kwargs)
         needed = q if capturing else min(q, policy.observed_queries(q))
         acc = layer._acc_spec
-        if (needed == q and not capturing and acc is not None and (len(acc) < 3 or acc[2] != "set")
-                and _prefill_kernels.prompt_observe(query, key, attention_mask, scaling, bias,
-                                                    layer.slots.tensors[acc[0]], acc[1])):
-            layer.finish_attention(new_valid, query)  # each slot's prompt attention added in two kernel passes
-            return out, None
+        if needed == q and not capturing and acc is not None and (len(acc) < 3 or acc[2] != "set"):
+            state = layer.slots.tensors[acc[0]]
+            out = _prefill_kernels.attend_and_observe(query, key, value, attention_mask, scaling, bias, state, acc[1])
+            if out is not None:  # flash attention's own log-sum-exp, then one kernel pass adds each slot's share
+                layer.finish_attention(new_valid, query)
+                return out, None
+            out = _sdpa(module, query, key, value, attention_mask, dropout, scaling, bias, kwargs)
+            if _prefill_kernels.prompt_observe(query, key, attention_mask, scaling, bias, state, acc[1]):
+                layer.finish_attention(new_valid, query)  # each slot's prompt attention added in two kernel passes
+                return out, None
+        else:
+            out = _sdpa(module, query, key, value, attention_mask, dropout, scaling, bias, kwargs)
         chunks = ((i, min(i + QUERY_CHUNK, q), None) for i in range(q - needed, q, QUERY_CHUNK))
     table = layer.slots.tensors["positions"]  # the new tokens' slots: [n - q, n)
     first = layer.slots.length - q
