@@ -16,10 +16,13 @@ pytestmark = pytest.mark.skipif(not (kernels.AVAILABLE and DEVICE),
                                 reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on a CPU)")
 
 
+@pytest.mark.parametrize("split", [True, False])  # slots split over programs and merged, or one program each
 @pytest.mark.parametrize("observe", [None, "sum", "max", "set"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_fused_decode_with_bias_matches_torch(observe, masked, dtype):
+def test_fused_decode_with_bias_matches_torch(observe, masked, dtype, split, monkeypatch):
+    monkeypatch.setattr(kernels, "SPLIT", "always" if split else "never")
+    assert kernels._splits(torch.device(DEVICE), 4, 130)[0] > 1  # 4 programs over 130 slots: split where asked
     g = torch.Generator(device=DEVICE).manual_seed(0)
     b, hkv, grp, d, cap, n = 2, 2, 4, 64, 160, 130
     keys = torch.randn(b, hkv, cap, d, device=DEVICE, generator=g).to(dtype)
