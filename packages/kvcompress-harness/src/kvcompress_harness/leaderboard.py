@@ -131,6 +131,7 @@ def speed_table(records: list[dict[str, Any]]) -> list[str]:
                   "shuffled order; step / full's is the median over steps of the ratio to `full`'s step of the same "
                   "round (below 1 is faster). Allocator peak: the CUDA allocator's peak during the prefill, above "
                   "what was held before it (CPU: not measured)."), ""]
+    lines += graph_table(speed)
     cap = [r for r in records if r.get("task") == "max_batch" and r.get("status") in ("ok", "oom")]
     if cap:
         lines += [("| policy | context | largest batch that fits | out of memory at | decode tokens/s there | "
@@ -142,6 +143,33 @@ def speed_table(records: list[dict[str, Any]]) -> list[str]:
                          f"{number(m.get('oom_at'))} | {number(m.get('decode_tokens_per_s'))} | "
                          f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
         lines.append("")
+    return lines
+
+
+def graph_table(speed: list[dict[str, Any]]) -> list[str]:
+    """Markdown: decode without the host in the way, for speed records with a graph phase or GPU times."""
+    keys = ("graph_replay_ms_per_token", "graph_refused", "gpu_ms_per_step", "generate_ms_per_token")
+    rows = [r for r in speed if r["status"] == "ok" and any(k in (r.get("metrics") or {}) for k in keys)]
+    if not rows:
+        return []
+    lines = [("| policy | context | batch | eager step ms | GPU ms per step | graph replay ms/token | replay / GPU "
+              "time | full's eager step / replay | setup s | full's generate ms/token |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (setting(r), r["policy"] != "full", r["policy"])):
+        m = r.get("metrics") or {}
+        if m.get("graph_refused"):
+            replay = "refused: " + m["graph_refused"].split(";")[0].removeprefix("static_generate: ")
+        else:
+            replay = number(m.get("graph_replay_ms_per_token"))
+        speedup = m.get("graph_replay_speedup_over_full_step")
+        lines.append(f"| `{r['policy']}` | {r['length']} | {r.get('batch', 1)} | {number(m.get('decode_ms_per_token'))}"
+                     f" | {number(m.get('gpu_ms_per_step'))} | {replay} | {number(m.get('graph_replay_over_gpu'))} | "
+                     f"{'-' if speedup is None else f'{speedup:.2f}x'} | {number(m.get('graph_setup_s'))} | "
+                     f"{number(m.get('generate_ms_per_token'))} |")
+    lines += ["", ("Graph replay: `kvcompress.static_generate`'s steady decode steps (each a replayed CUDA graph on a "
+              "GPU, with its eviction when due), the layout, warm-up and capture apart (setup s, once per call). "
+              "GPU ms per step: torch.profiler's kernel time of the policy's eager step (`speed.profile_steps`). "
+              "full's generate: transformers' eager `model.generate`, median of the graph phase's rounds."), ""]
     return lines
 
 
