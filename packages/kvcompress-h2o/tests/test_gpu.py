@@ -7,7 +7,7 @@ import torch
 from conftest import prompt, tiny_model
 from kvcompress import _kernels as kernels
 
-from kvcompress_h2o import H2OCache
+from kvcompress_h2o import H2OCache, LRUCache
 
 pytestmark = pytest.mark.skipif(
     not (kernels.AVAILABLE and torch.cuda.is_available()),
@@ -37,3 +37,22 @@ def test_fused_decode_matches_torch_path(gqa):
     assert torch.equal(fused_out.sequences, torch_out.sequences)
     for a, b in zip(fused_cache.layers, torch_cache.layers, strict=True):
         torch.testing.assert_close(a.slots.view("acc"), b.slots.view("acc"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])  # flash attention's log-sum-exp; the two-pass kernels
+def test_lru_prompt_observation_kernel_matches_torch(padded, monkeypatch):
+    from kvcompress import _prefill_kernels
+
+    model = tiny_model(device="cuda", dtype=torch.bfloat16)
+    ids = prompt(300, batch=2).cuda()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :37] = 0
+    runs = []
+    for kernel in (True, False):
+        monkeypatch.setattr(_prefill_kernels, "AVAILABLE", kernel)
+        cache = LRUCache(model, budget=4096)  # nothing evicted: the prompt's last uses compared
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        runs.append([layer.slots.view("last").clone() for layer in cache.layers])
+    for a, b in zip(*runs, strict=True):
+        assert (a == b).float().mean() > 0.98  # a weight within rounding of the threshold may go either way

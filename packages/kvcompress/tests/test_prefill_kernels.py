@@ -85,3 +85,55 @@ def test_attend_and_observe_leaves_padding_and_bias_to_the_two_passes():
     assert _prefill_kernels.attend_and_observe(query.float(), keys.float(), keys.float(), None, d**-0.5, None, acc,
                                                "sum") is None
     assert not acc.any()  # nothing half-done
+
+
+def _last_use(weights: torch.Tensor, qpos: torch.Tensor, before: torch.Tensor, thresh: float) -> torch.Tensor:
+    """LRU's torch path: each slot raised to the position of the last query above ``thresh`` on any head."""
+    used = (weights > thresh).any(2)  # [B, H, q, S]
+    s = weights.shape[-1]
+    expected = before.clone()
+    expected[:, :, :s] = torch.maximum(before[:, :, :s], torch.where(used, qpos.view(1, 1, -1, 1), -1.0).amax(2))
+    return expected
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool"])
+@pytest.mark.parametrize("q,s", [(150, 150), (70, 200)])
+def test_last_use_matches_lru_torch_path(mask_kind, q, s):
+    g = torch.Generator(device=DEVICE).manual_seed(7 * q + s)
+    b, hkv, grp, d, thresh = 2, 2, 3, 32, 0.02
+    query = torch.randn(b, hkv * grp, q, d, device=DEVICE, generator=g) * 2
+    keys = torch.randn(b, hkv, s, d, device=DEVICE, generator=g)
+    mask = None
+    if mask_kind:
+        causal = torch.arange(s, device=DEVICE)[None, :] <= torch.arange(q, device=DEVICE)[:, None] + (s - q)
+        valid = causal.expand(b, q, s).clone()
+        valid[1, :, :17] = False
+        mask = valid[:, None]
+    qpos = torch.arange(s - q, s, device=DEVICE, dtype=torch.float32) + 1000
+    acc = torch.full((b, hkv, s + 8), -1.0, device=DEVICE)
+    acc[:, :, :5] = 5000.0  # a later use already recorded stays
+    before = acc.clone()
+    assert _prefill_kernels.prompt_observe(query, keys, mask, d**-0.5, None, acc, "last", (qpos, thresh))
+    weights = _weights(query, keys, mask, d**-0.5, 0, q)
+    expected = _last_use(weights, qpos, before, thresh)
+    agree = (acc == expected).float().mean()
+    assert agree > 0.99, agree  # a weight within rounding of the threshold may go either way
+    assert torch.equal(acc[:, :, :5], before[:, :, :5]) and (acc[:, :, :s] >= 1000).any()
+    if mask_kind:  # padding is never used
+        assert (acc[1, :, 5:17] == -1).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's log-sum-exp needs a CUDA GPU")
+def test_attend_and_observe_last_use():
+    g = torch.Generator(device="cuda").manual_seed(3)
+    b, hkv, grp, d, q, thresh = 2, 2, 4, 64, 180, 0.02
+    query = (torch.randn(b, hkv * grp, q, d, device="cuda", generator=g) * 2).half()
+    keys = torch.randn(b, hkv, q, d, device="cuda", generator=g).half()
+    values = torch.randn(b, hkv, q, d, device="cuda", generator=g).half()
+    qpos = torch.arange(q, device="cuda", dtype=torch.float32)
+    acc = torch.full((b, hkv, q), -1.0, device="cuda")
+    assert _prefill_kernels.attend_and_observe(query, keys, values, None, d**-0.5, None, acc, "last",
+                                               (qpos, thresh)) is not None
+    expected = _last_use(_weights(query.float(), keys.float(), None, d**-0.5, 0, q), qpos,
+                         torch.full_like(acc, -1.0), thresh)
+    assert (acc == expected).float().mean() > 0.98

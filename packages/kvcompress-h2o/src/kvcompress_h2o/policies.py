@@ -102,6 +102,9 @@ class LRU(AttentionScored):
     threshold: float = param(0.01, min=0.0, max=1.0, min_exclusive=True,
                              help="attention weight at which a query counts as using a token")
 
+    def accumulated_attention(self) -> tuple[str, str, float]:
+        return "last", "last", self.threshold  # what observe() does, so a prompt's observation may be fused
+
     def observe(self, ctx: SlotContext, weights: torch.Tensor, query_positions: torch.Tensor) -> None:
         import torch
 

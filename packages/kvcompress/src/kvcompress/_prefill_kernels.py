@@ -6,7 +6,9 @@ prompt's own attention. Here two flash-style passes over the keys do it, never h
 
 1. ``_lse_kernel``: per query row (one per query head), the log2 of its softmax denominator;
 2. ``_colsum_kernel``: per tile of keys, ``exp2(score - lse)`` over every query that sees it, reduced over
-   the G query heads of the kv head (sum or max) and summed over queries, added to the policy's state.
+   the G query heads of the kv head (sum or max) and summed over queries, added to the policy's state; or
+   (``reduce="last"``, LRU) the position of the last query that gave the slot more than a threshold on any of
+   the G heads, kept where it is later than the state's.
 
 The causal mask (queries bottom-right aligned, as sdpa's) or the model's 4-D mask and the per-slot bias
 apply as in attention.
@@ -82,11 +84,11 @@ if AVAILABLE:
         tl.store(LSE + bq * q_len + rows, lse, mask=qmask)
 
     @triton.jit(do_not_specialize=["q_len", "s_len", "offset", "stride_k", "acap", "stride_mb", "stride_mq",
-                                   "stride_mk"])
-    def _colsum_kernel(Q, K, M, BIAS, LSE, ACC, q_len, s_len, offset, stride_k, acap, qk_scale, stride_mb, stride_mq,
-                       stride_mk, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       DOT_F32: tl.constexpr, REDUCE_MAX: tl.constexpr):
+                                   "stride_mk", "thresh"])
+    def _colsum_kernel(Q, K, M, BIAS, LSE, ACC, QPOS, q_len, s_len, offset, stride_k, acap, qk_scale, stride_mb,
+                       stride_mq, stride_mk, thresh, HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, REDUCE: tl.constexpr):
         pid_n = tl.program_id(0)
         bk = tl.program_id(1).to(tl.int64)  # batch row * HKV + kv head
         hkv = HQ // G
@@ -95,7 +97,10 @@ if AVAILABLE:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kmask = cols < s_len
         k = tl.load(K + bk * stride_k + cols[:, None] * D + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        total = tl.zeros([BLOCK_N], tl.float32)
+        if REDUCE == 2:
+            total = tl.full([BLOCK_N], -1.0, tl.float32)  # no query used the slot (as LRU's torch path writes)
+        else:
+            total = tl.zeros([BLOCK_N], tl.float32)
         start = 0
         if MASK_KIND == 0:  # queries before the tile's first key see none of it
             start = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
@@ -111,23 +116,35 @@ if AVAILABLE:
                                  stride_mk, qk_scale, offset, MASK_KIND, HAS_BIAS, DOT_F32)
                 lse = tl.load(LSE + bq * q_len + rows, mask=qmask, other=float("inf"))
                 p = tl.exp2(s - lse[:, None])
-                if REDUCE_MAX:
+                if REDUCE == 0:
+                    red += p
+                elif REDUCE == 1:
                     red = tl.maximum(red, p)
                 else:
-                    red += p
-            total += tl.sum(red, 0)
+                    red = tl.maximum(red, tl.where(p > thresh, 1.0, 0.0))
+            if REDUCE == 2:
+                qpos = tl.load(QPOS + rows, mask=qmask, other=-1.0)
+                total = tl.maximum(total, tl.max(tl.where(red > 0.0, qpos[:, None], -1.0), 0))
+            else:
+                total += tl.sum(red, 0)
         aptr = ACC + bk * acap + cols
-        tl.store(aptr, tl.load(aptr, mask=kmask, other=0.0) + total, mask=kmask)
+        if REDUCE == 2:
+            tl.store(aptr, tl.maximum(tl.load(aptr, mask=kmask, other=0.0), total), mask=kmask)
+        else:
+            tl.store(aptr, tl.load(aptr, mask=kmask, other=0.0) + total, mask=kmask)
 
 
 BLOCK_M = 64
 BLOCK_N = 64
 
 
+REDUCE = {"sum": 0, "max": 1, "last": 2}
+
+
 def _applies(query: torch.Tensor, keys: torch.Tensor, acc: torch.Tensor, reduce: str) -> bool:
     hq, d, hkv = query.shape[1], query.shape[3], keys.shape[1]
     return (AVAILABLE and (query.device.type == "cuda" or INTERPRET) and not hq % hkv and not d & (d - 1)
-            and d >= 16 and reduce in ("sum", "max") and acc.dtype == torch.float32 and acc.is_contiguous())
+            and d >= 16 and reduce in REDUCE and acc.dtype == torch.float32 and acc.is_contiguous())
 
 
 def _as_tiles(keys: torch.Tensor) -> torch.Tensor:
@@ -157,7 +174,8 @@ def _is_causal(mask: torch.Tensor | None, q: int, s: int) -> bool:
 
 def attend_and_observe(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float, bias: torch.Tensor | None,
-                       acc: torch.Tensor, reduce: str) -> torch.Tensor | None:
+                       acc: torch.Tensor, reduce: str, last: tuple[torch.Tensor, float] | None = None
+                       ) -> torch.Tensor | None:
     """A causal prompt's attention output ``[B, q, H_q, D]`` (transformers' layout) from flash attention, with
     each slot's attention added to ``acc`` as :func:`prompt_observe` does, from the log-sum-exp flash returns.
     ``None``, having done nothing, where this does not apply (off CUDA, a bias, padding or another mask, a
@@ -168,17 +186,21 @@ def attend_and_observe(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
         return None
     flash = torch.ops.aten._scaled_dot_product_flash_attention
     out, lse = flash(query, keys, values, 0.0, q > 1, False, scale=scaling)[:2]  # lse: [B, H_q, q], natural log
-    _colsum(query, _as_tiles(keys), None, scaling, None, (lse * LOG2E).contiguous(), acc, reduce)
+    _colsum(query, _as_tiles(keys), None, scaling, None, (lse * LOG2E).contiguous(), acc, reduce, last)
     return out.transpose(1, 2).contiguous()
 
 
 def prompt_observe(query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-                   bias: torch.Tensor | None, acc: torch.Tensor, reduce: str) -> bool:
+                   bias: torch.Tensor | None, acc: torch.Tensor, reduce: str,
+                   last: tuple[torch.Tensor, float] | None = None) -> bool:
     """Add to ``acc`` ``[B, H_kv, >= S]`` (float32) the attention each of the ``S`` slots of ``keys``
     ``[B, H_kv, S, D]`` receives from the ``q`` queries ``[B, H_q, q, D]`` (queries bottom-right aligned
     when ``attention_mask`` is None; else the model's ``[B, 1, q, S]`` mask), reduced over the G query heads
     of each kv head by ``reduce`` ("sum" or "max") and summed over queries; ``bias`` ``[B, H_kv, S]`` as in
-    attention. Returns False, having done nothing, where the kernels do not apply (then use torch ops)."""
+    attention. ``reduce="last"`` with ``last = (positions [q] float32, threshold)`` instead raises each slot's
+    ``acc`` to the position of the last query whose weight on it exceeds ``threshold`` on any of the G heads
+    (-1 where none does). Returns False, having done nothing, where the kernels do not apply (then use torch
+    ops)."""
     b, hq, q, d = query.shape
     s = keys.shape[2]
     if not _applies(query, keys, acc, reduce):
@@ -194,7 +216,7 @@ def prompt_observe(query: torch.Tensor, keys: torch.Tensor, attention_mask: torc
                                                             *consts.values()),
            (query, keys, mask, bias_in, lse, q, s, s - q, keys.stride(1), scaling * LOG2E, smb, smq, smk), consts,
            num_warps=4)
-    _colsum(query, keys, attention_mask, scaling, bias, lse, acc, reduce)
+    _colsum(query, keys, attention_mask, scaling, bias, lse, acc, reduce, last)
     return True
 
 
@@ -215,16 +237,24 @@ def _consts(query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tenso
 
 
 def _colsum(query: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-            bias: torch.Tensor | None, lse: torch.Tensor, acc: torch.Tensor, reduce: str) -> None:
-    """The second pass: ``acc`` += each slot's attention, given every query's log2-sum-exp2 ``lse``."""
+            bias: torch.Tensor | None, lse: torch.Tensor, acc: torch.Tensor, reduce: str,
+            last: tuple[torch.Tensor, float] | None) -> None:
+    """The second pass: ``acc`` += each slot's attention (or its last use), given every query's log2-sum-exp2
+    ``lse``."""
     b, hq, q, _ = query.shape
     hkv, s = keys.shape[1], keys.shape[2]
     query = query.contiguous()
     consts, (mask, bias_in, smb, smq, smk) = _consts(query, keys, attention_mask, bias)
     bias_in = bias_in if bias_in is not None else lse
-    consts["REDUCE_MAX"] = reduce == "max"
+    consts["REDUCE"] = REDUCE[reduce]
+    if reduce == "last":
+        if last is None:
+            raise ValueError("prompt observation: reduce 'last' needs last=(query positions, threshold)")
+        qpos, thresh = last[0].to(torch.float32).contiguous(), float(last[1])
+    else:
+        qpos, thresh = lse, 0.0  # never read
     launch(_colsum_kernel, (triton.cdiv(s, BLOCK_N), b * hkv), (query.device, query.dtype, mask.dtype, "colsum",
                                                                  *consts.values()),
-           (query, keys, mask, bias_in, lse, acc, q, s, s - q, keys.stride(1), acc.shape[2], scaling * LOG2E, smb, smq,
-            smk),
+           (query, keys, mask, bias_in, lse, acc, qpos, q, s, s - q, keys.stride(1), acc.shape[2], scaling * LOG2E,
+            smb, smq, smk, thresh),
            consts, num_warps=4)

@@ -211,12 +211,17 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         acc = layer._acc_spec
         if needed == q and not capturing and acc is not None and (len(acc) < 3 or acc[2] != "set"):
             state = layer.slots.tensors[acc[0]]
-            out = _prefill_kernels.attend_and_observe(query, key, value, attention_mask, scaling, bias, state, acc[1])
+            last = None
+            if acc[1] == "last":  # (query positions, threshold): LRU's last use
+                first = layer.slots.length - q
+                last = (layer.slots.tensors["positions"][0, 0, first:first + q], acc[2])
+            out = _prefill_kernels.attend_and_observe(query, key, value, attention_mask, scaling, bias, state, acc[1],
+                                                      last)
             if out is not None:  # flash attention's own log-sum-exp, then one kernel pass adds each slot's share
                 layer.finish_attention(new_valid, query)
                 return out, None
             out = _sdpa(module, query, key, value, attention_mask, dropout, scaling, bias, kwargs)
-            if _prefill_kernels.prompt_observe(query, key, attention_mask, scaling, bias, state, acc[1]):
+            if _prefill_kernels.prompt_observe(query, key, attention_mask, scaling, bias, state, acc[1], last):
                 layer.finish_attention(new_valid, query)  # each slot's prompt attention added in two kernel passes
                 return out, None
         else:

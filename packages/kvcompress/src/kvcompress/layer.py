@@ -64,7 +64,7 @@ class CompressedLayer(CacheLayerMixin):
         self._needs_rope = bool(getattr(representation, "needs_rope", False))
         self._spread = getattr(selection, "adaptive", 1.0)
         acc = selection.accumulated_attention() if getattr(selection, "needs_attention", False) else None
-        self._acc_spec = acc  # (state, reduce[, "set"]) or None: asked once, not per step
+        self._acc_spec = acc  # (state, reduce[, "set" | threshold]) or None: asked once, not per step
         self._acc: Accumulate | None = None
 
     # -- transformers' layer contract ----------------------------------------------------------------
@@ -136,7 +136,7 @@ class CompressedLayer(CacheLayerMixin):
         """Where a fused decode kernel puts the policy's observation (``accumulated_attention()``), or None;
         made again only when the slot table reallocates."""
         spec = self._acc_spec
-        if spec is None:
+        if spec is None or spec[1] == "last":  # a last use is observed for prompts only, decode steps observe
             return None
         into = self.slots.tensors[spec[0]]
         acc = self._acc

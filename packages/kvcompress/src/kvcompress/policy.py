@@ -169,7 +169,10 @@ class SelectionPolicy(Policy):
         ``reduce`` ("sum" or "max"); ``(state, reduce, "set")`` when it writes that instead of adding (the
         latest query's attention). A store may then do that inside its decode kernel instead of the core
         calling :meth:`observe` (decode steps on a GPU). When it adds and :meth:`observed_queries` is every
-        query, a prompt's observation may be fused too (no weights materialised). ``None``: always observe.
+        query, a prompt's observation may be fused too (no weights materialised). ``(state, "last",
+        threshold)``: :meth:`observe` raises each slot's ``state`` to the position of the last query whose
+        weight on it exceeds ``threshold`` on any query head of its kv head (-1 where none does); a prompt's
+        observation may then be fused, decode steps still call :meth:`observe`. ``None``: always observe.
         """
         return None
 

@@ -15,7 +15,7 @@ Supported: selection policies with a fixed ``budget`` (or ``dense``/no eviction,
 prompt plus ``max_new_tokens``) over the core's dense store, observing ones included where they declare
 ``accumulated_attention()`` (the fused kernel observes inside the graph). Not supported (a clear error):
 ``ratio`` budgets (the capacity grows), representations with their own store (quant, lowrank), policies with
-``on_tokens``, and ``observe()`` without ``accumulated_attention()``.
+``on_tokens``, and ``observe()`` without an ``accumulated_attention()`` sum or max (``lru``).
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ def _check(cache: Any) -> None:
         if type(sel).on_tokens is not SelectionPolicy.on_tokens:
             raise ValueError(f"static_generate: policy {sel.name!r} runs on_tokens() every step; allowed: "
                              "policies without it")
-        if sel.needs_attention and sel.accumulated_attention() is None:
-            raise ValueError(f"static_generate: policy {sel.name!r} observes attention without declaring "
-                             "accumulated_attention(); allowed: observing policies a fused kernel can serve")
+        acc = sel.accumulated_attention() if sel.needs_attention else None
+        if sel.needs_attention and (acc is None or acc[1] not in ("sum", "max")):
+            raise ValueError(f"static_generate: policy {sel.name!r} observes attention decode steps cannot fuse "
+                             "(accumulated_attention() is not a sum or max); allowed: observing policies a fused "
+                             "kernel can serve")
 
 
 class _Static:
