@@ -8,28 +8,18 @@ import pytest
 import torch
 import transformers
 
+from kvcompress import testing
+
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
 
-COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-
-ARCHITECTURES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, COMMON),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, COMMON),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {**COMMON, "head_dim": 16}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {**COMMON, "sliding_window": None}),
-    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {**COMMON, "pad_token_id": 0}),
-    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
-             dict(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=256)),
-}
+ARCHITECTURES = testing.ARCHITECTURES
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> transformers.PreTrainedModel:
-    """A random-init model of ``arch`` with a few layers, in eval mode, float32."""
-    config_cls, model_cls, kwargs = ARCHITECTURES[arch]
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**kwargs, **overrides}))
-    return model.eval()
+    """A random-init model of ``arch`` with a few layers, in eval mode, float32 (:func:`kvcompress.testing.tiny_model`
+    with vocabulary 96 and positions up to 256)."""
+    return testing.tiny_model(arch, seed=seed, vocab=96, **{"max_position_embeddings": 256, **overrides}) \
+        if arch != "gpt2" else testing.tiny_model(arch, seed=seed, vocab=96, **{"n_positions": 256, **overrides})
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))

@@ -1,12 +1,13 @@
-"""kvcompress.testing: the tiny models plugin tests build on are seeded, shaped as asked, and refuse unknown
-architectures."""
+"""kvcompress.testing: the tiny models plugin tests build on are seeded, shaped as asked, decode through a
+compressed cache in every architecture, and refuse unknown architectures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvcompress.testing import random_ids, tiny_model
+import kvcompress
+from kvcompress.testing import ARCHITECTURES, random_ids, tiny_model
 
 
 def test_tiny_model_is_seeded_and_shaped_as_asked():
@@ -20,5 +21,21 @@ def test_tiny_model_is_seeded_and_shaped_as_asked():
 
 
 def test_tiny_model_refuses_an_unknown_architecture():
-    with pytest.raises(ValueError, match="parameter 'arch' is 'gpt9'; allowed: llama, qwen2"):
+    allowed = "llama, qwen2, qwen3, mistral, phi3, gpt2"
+    with pytest.raises(ValueError, match=f"parameter 'arch' is 'gpt9'; allowed: {allowed}"):
         tiny_model("gpt9")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_decodes_through_a_compressed_cache(arch):
+    model = tiny_model(arch)
+    info = kvcompress.ModelInfo.from_model(model)
+    assert info.head_dim == 16 and info.num_kv_heads == (4 if arch == "gpt2" else 2)
+    cache = kvcompress.make_cache("sink(budget=8,step=2)", model=model)
+    out = model.generate(random_ids(20), past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 24) and all(layer.slots.length < 8 + 2 for layer in cache.layers)
+
+
+def test_gpt2_has_no_grouped_heads():
+    with pytest.raises(ValueError, match="parameter 'kv_heads' is 2 for gpt2; allowed: 4"):
+        tiny_model("gpt2", kv_heads=2)

@@ -11,22 +11,42 @@ import torch
 VOCAB = 97
 
 
-def tiny_model(arch: str = "llama", heads: int = 4, kv_heads: int = 2, layers: int = 2, vocab: int = VOCAB,
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gpt2")
+
+
+def tiny_model(arch: str = "llama", heads: int = 4, kv_heads: int | None = None, layers: int = 2, vocab: int = VOCAB,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
                **config: Any):
-    """A seeded decoder (hidden 64, head_dim ``64 / heads``) with GQA ``heads / kv_heads``, sdpa attention, in
-    eval mode. ``arch``: ``llama`` or ``qwen2``; ``config`` overrides any config field."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    """A seeded decoder (hidden 64, head_dim ``64 / heads``) with GQA ``heads / kv_heads`` (``kv_heads``:
+    ``heads // 2`` by default; gpt2 has no grouped heads), sdpa attention unless ``attn_implementation`` says
+    otherwise, in eval mode. ``arch``: one of :data:`ARCHITECTURES`; ``config`` overrides any config field."""
+    import transformers
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config}
-    if arch not in classes:
-        raise ValueError(f"tiny_model: parameter 'arch' is {arch!r}; allowed: {', '.join(classes)}")
-    fields = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=16384,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"tiny_model: parameter 'arch' is {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+    attn = config.pop("attn_implementation", "sdpa")
+    if arch == "gpt2":
+        if kv_heads not in (None, heads):
+            raise ValueError(f"tiny_model: parameter 'kv_heads' is {kv_heads} for gpt2; allowed: {heads} (= heads: "
+                             "gpt2 has no grouped kv heads)")
+        fields = dict(vocab_size=vocab, n_embd=64, n_layer=layers, n_head=heads, n_positions=16384,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=None)
+        made = transformers.GPT2Config(**{**fields, **config})
+    else:
+        fields = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads // 2 if kv_heads is None else kv_heads,
+                      max_position_embeddings=16384, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                      tie_word_embeddings=False)
+        if arch == "qwen3":
+            fields["head_dim"] = 64 // heads
+        if arch == "mistral":
+            fields["sliding_window"] = None
+        cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig,
+               "phi3": transformers.Phi3Config}[arch]
+        made = cls(**{**fields, **config})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(classes[arch](**{**fields, **config}), attn_implementation="sdpa",
-                                             dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(made, attn_implementation=attn, dtype=dtype)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model.eval().to(device)
