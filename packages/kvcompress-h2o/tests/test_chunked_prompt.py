@@ -1,4 +1,5 @@
-"""An 8k-token prompt is observed in chunks of queries: never an n x n weight matrix per head at once."""
+"""An 8k-token prompt is observed in chunks of queries: never an n x n weight matrix per head at once (the
+chunked path every policy whose observe() is not a declared accumulation takes; h2o's own is fused)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ class RecordingH2O(H2O):
 
     shapes: list = field(default_factory=list, init=False, repr=False, compare=False)
     mass: float = field(default=0.0, init=False, repr=False, compare=False)
+
+    def accumulated_attention(self):
+        return None  # its observe() does more than add: the core must call it (no fused observation)
 
     def observe(self, ctx, weights, query_positions):
         self.shapes.append((ctx.layer_idx, tuple(weights.shape), int(query_positions[0]), len(query_positions)))

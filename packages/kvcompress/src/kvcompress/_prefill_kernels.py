@@ -177,10 +177,17 @@ def attend_and_observe(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
                        acc: torch.Tensor, reduce: str, last: tuple[torch.Tensor, float] | None = None
                        ) -> torch.Tensor | None:
     """A causal prompt's attention output ``[B, q, H_q, D]`` (transformers' layout) from flash attention, with
-    each slot's attention added to ``acc`` as :func:`prompt_observe` does, from the log-sum-exp flash returns.
-    ``None``, having done nothing, where this does not apply (off CUDA, a bias, padding or another mask, a
-    dtype or head size flash does not take): then attend and call :func:`prompt_observe`."""
+    each slot's attention added to ``acc`` as :func:`prompt_observe` does, from the log-sum-exp flash returns
+    (on a CUDA GPU a Triton pass; on a CPU, for a whole prompt, torch ops in ``_prompt_observe_cpu``).
+    ``None``, having done nothing, where this does not apply (a bias, padding or another mask, a dtype or head
+    size flash does not take, another device): then attend and call :func:`prompt_observe`."""
     q, d, s = query.shape[2], query.shape[3], keys.shape[2]
+    if (query.device.type == "cpu" and q == s and q > 1 and bias is None and reduce in REDUCE
+            and acc.dtype == torch.float32 and (reduce != "last" or last is not None)
+            and query.dtype in (torch.float32, torch.bfloat16) and _is_causal(attention_mask, q, s)):
+        from . import _prompt_observe_cpu
+
+        return _prompt_observe_cpu.attend_and_observe(query, keys, values, scaling, acc, reduce, last)
     if (query.device.type != "cuda" or bias is not None or query.dtype not in (torch.float16, torch.bfloat16)
             or d > 256 or q > s or not _applies(query, keys, acc, reduce) or not _is_causal(attention_mask, q, s)):
         return None
