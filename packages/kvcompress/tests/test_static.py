@@ -78,3 +78,42 @@ def test_timings_split_the_call_and_change_nothing(device):
     assert all(v >= 0 for v in timings.values())
     # on a GPU two of the 11 decode forwards are warm-up steps (in setup_s); eagerly every one is steady
     assert timings["steady_steps"] == (9 if device == "cuda" else 11)
+
+
+@pytest.mark.parametrize("spec", ["dense", "sink(budget=24,step=8)", "h2o(budget=20,step=4)"])
+def test_a_chunked_prefill_decodes_as_eager_decoding_after_the_same_chunks(spec):
+    if spec.startswith("h2o") and "h2o" not in kvcompress.get_registry().policies:
+        pytest.skip("kvcompress-h2o is not installed")
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (2, 50), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding
+    ids[1, :6] = 0
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = kvcompress.make_cache(spec, model=model)
+    want = []
+    with torch.no_grad():  # the same chunks of 16 fed by hand, then eager greedy steps
+        for start in range(0, 50, 16):
+            end = min(50, start + 16)
+            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                        position_ids=position[:, start:end], past_key_values=cache, use_cache=True)
+        pos = position[:, -1:]
+        for _ in range(10):
+            token = out.logits[:, -1:].argmax(-1)
+            want.append(token)
+            mask, pos = torch.cat([mask, torch.ones_like(token)], -1), pos + 1
+            out = model(input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    chunked = kvcompress.make_cache(spec, model=model)
+    got = kvcompress.static_generate(model, chunked, ids, 10, attention_mask=mask[:, :50], prefill_chunk=16)
+    assert torch.equal(got, torch.cat(want, -1))
+    whole = kvcompress.make_cache(spec, model=model)
+    kvcompress.static_generate(model, whole, ids, 10, attention_mask=mask[:, :50])
+    if spec != "dense":  # compressed while streaming: it evicted between the chunks
+        assert sum(x.evictions for x in chunked.layers) > sum(x.evictions for x in whole.layers)
+
+
+def test_prefill_chunk_is_checked():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="parameter 'prefill_chunk' is 0; allowed: None"):
+        kvcompress.static_generate(model, kvcompress.make_cache("dense", model=model),
+                                   torch.ones(1, 4, dtype=torch.long), 2, prefill_chunk=0)

@@ -123,12 +123,14 @@ def _cache_argument(model: Any) -> str:
 
 def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tokens: int,
                     attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None,
-                    timings: dict[str, float] | None = None) -> torch.Tensor:
+                    timings: dict[str, float] | None = None, prefill_chunk: int | None = None) -> torch.Tensor:
     """Greedy decoding of ``max_new_tokens`` after ``input_ids`` ``[B, n]`` with ``cache``; returns the new
     tokens ``[B, max_new_tokens]``. The prompt is prefilled eagerly (and compressed as the policy says); each
     decode step then runs over a static slot layout, captured as a CUDA graph on a GPU (``cuda_graph``:
     default True on CUDA) or run eagerly the same way elsewhere (the tests check both against eager decoding).
-    ``attention_mask`` (left padding) works as in ``generate``.
+    ``attention_mask`` (left padding) works as in ``generate``. ``prefill_chunk`` feeds a long prompt in
+    forwards of that many tokens (the policy compresses between them as it would while streaming), so a long
+    context at a large batch needs one chunk's activations, not the whole prompt's.
 
     ``timings``, a dict, is filled with where the time went (seconds, the device synchronised at each
     boundary): ``prefill_s``; ``setup_s`` (the static layout, the warm-up steps and the graph capture);
@@ -136,6 +138,10 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
     when due). Without it nothing synchronises."""
     if max_new_tokens < 1:
         raise ValueError(f"static_generate: parameter 'max_new_tokens' is {max_new_tokens}; allowed: >= 1")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"static_generate: parameter 'prefill_chunk' is {prefill_chunk!r}; allowed: None (the "
+                         "prompt in one forward) or an integer >= 1")
     _check(cache)
     device = input_ids.device
     use_graph = (device.type == "cuda") if cuda_graph is None else cuda_graph
@@ -147,8 +153,11 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache_kw = {_cache_argument(model): cache}  # `cache=` where transformers takes it, else `past_key_values=`
     clock = _Clock(timings, device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
-                logits_to_keep=1, **cache_kw)
+    step_n = prefill_chunk or n
+    for start in range(0, n, step_n):  # the prompt, in one forward or in chunks
+        end = min(n, start + step_n)
+        out = model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                    position_ids=position[:, start:end], use_cache=True, logits_to_keep=1, **cache_kw)
     tokens = torch.empty((b, max_new_tokens), dtype=torch.long, device=device)
     tokens[:, 0] = out.logits[:, -1].argmax(-1)
     clock.mark("prefill_s")

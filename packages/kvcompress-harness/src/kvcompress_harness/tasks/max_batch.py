@@ -4,6 +4,12 @@ Batches double from ``start`` until one runs out of memory (or ``limit`` is reac
 between the last that fit and the first that did not. A batch fits when its prefill and ``new_tokens``
 decode steps finish. ``allocator_peak_bytes`` is the CUDA allocator's peak at that batch, weights included.
 An out-of-memory error is a result here, not a failure: each attempt is recorded.
+
+``graphs=true`` decodes each attempt through ``kvcompress.static_generate`` (CUDA graphs on a GPU; its prompt
+fed in ``prefill_chunk`` chunks) for every policy it accepts, so the batch must fit the static layout too and
+``decode_tokens_per_s`` is the steady replay's; ``full`` and refused policies decode eagerly as without it
+(``decode_mode`` says which). Aggregate tokens/s at each cache's largest batch against ``full``'s at its own
+is then one grid away.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ class MaxBatchTask:
     higher_is_better = True
     default_lengths = (32768,)
     defaults: ClassVar[dict[str, Any]] = {"start": 1, "limit": 1024, "new_tokens": 4, "prefill_chunk": 2048,
-                                          "cudnn_sdpa": False}
+                                          "cudnn_sdpa": False, "graphs": False}
     limits: ClassVar[dict[str, tuple]] = {"start": (1, None), "limit": (1, None), "new_tokens": (1, None),
                                           "prefill_chunk": (1, None)}
     needs_text = False
@@ -57,7 +63,8 @@ class MaxBatchTask:
                 fits, fails = (mid, fails) if tried[mid]["fits"] else (fits, mid)
         best = tried.get(fits, {})
         return {"max_batch": fits, "oom_at": fails, "limit": limit, "cudnn_sdpa": cudnn,
-                "decode_tokens_per_s": best.get("decode_tokens_per_s"), "kv_bytes": best.get("kv_bytes"),
+                "decode_tokens_per_s": best.get("decode_tokens_per_s"), "decode_mode": best.get("decode_mode"),
+                "graph_refused": best.get("graph_refused"), "kv_bytes": best.get("kv_bytes"),
                 "allocator_peak_bytes": best.get("allocator_peak_bytes"),
                 "allocator_peak_by_device": best.get("allocator_peak_by_device"),
                 "kv_bytes_by_device": best.get("kv_bytes_by_device"),
@@ -77,16 +84,24 @@ class MaxBatchTask:
                 torch.cuda.reset_peak_memory_stats(d)
             ids = batch_ids(ctx, batch)
             cache = ctx.make_cache()
-            logits = prefill(ctx.model, ids, cache, chunk=ctx.chunk or int(ctx.params["prefill_chunk"]))
-            steps = []
-            for _ in range(int(ctx.params["new_tokens"])):
-                sync(ctx.all_devices)
-                t0 = time.perf_counter()
-                logits = forward(ctx.model, logits.argmax(-1, keepdim=True), cache, last_only=True)[:, -1]
-                sync(ctx.all_devices)
-                steps.append(time.perf_counter() - t0)
+            chunk = ctx.chunk or int(ctx.params["prefill_chunk"])
+            per_step, refused = None, None
+            if ctx.params.get("graphs"):
+                per_step, refused = _static_step(ctx, cache, ids, chunk)
+                mode = "graph replay" if ctx.device.type == "cuda" else "eager static layout (no CUDA)"
+            if per_step is None:
+                logits = prefill(ctx.model, ids, cache, chunk=chunk)
+                steps = []
+                for _ in range(int(ctx.params["new_tokens"])):
+                    sync(ctx.all_devices)
+                    t0 = time.perf_counter()
+                    logits = forward(ctx.model, logits.argmax(-1, keepdim=True), cache, last_only=True)[:, -1]
+                    sync(ctx.all_devices)
+                    steps.append(time.perf_counter() - t0)
+                per_step, mode = statistics.median(steps), "eager"
             by_device = {str(d): torch.cuda.max_memory_allocated(d) for d in cuda}
-            result = {"fits": True, "decode_tokens_per_s": batch / statistics.median(steps),
+            result = {"fits": True, "decode_tokens_per_s": batch / per_step, "decode_mode": mode,
+                      "graph_refused": refused,
                       "kv_bytes": kv_bytes(cache), "allocator_peak_bytes": sum(by_device.values()) if cuda else None,
                       "allocator_peak_by_device": by_device or None,
                       "kv_bytes_by_device": kvcompress.kv_bytes(cache, by_device=True)}
@@ -99,3 +114,20 @@ class MaxBatchTask:
             release(ctx.device)
         say(f"  max_batch {ctx.spec} L={ctx.length}: batch {batch} {'fits' if result['fits'] else 'out of memory'}")
         return result
+
+
+
+def _static_step(ctx: TaskContext, cache: Any, ids: Any, chunk: int) -> tuple[float | None, str | None]:
+    """(seconds per steady decode step through ``kvcompress.static_generate``, None), or (None, its refusal):
+    it checks the cache before touching it, so a refused cache is decoded eagerly as it is."""
+    import kvcompress
+
+    timings: dict[str, float] = {}
+    try:
+        kvcompress.static_generate(ctx.model, cache, ids, int(ctx.params["new_tokens"]) + 1, timings=timings,
+                                   prefill_chunk=chunk)
+    except ValueError as exc:
+        if not str(exc).startswith("static_generate:"):
+            raise
+        return None, " ".join(str(exc).split())
+    return timings["steady_s"] / max(timings["steady_steps"], 1.0), None
