@@ -65,6 +65,7 @@ class CompressedLayer(CacheLayerMixin):
         self._spread = getattr(selection, "adaptive", 1.0)
         acc = selection.accumulated_attention() if getattr(selection, "needs_attention", False) else None
         self._acc_spec = acc  # (state, reduce[, "set" | threshold]) or None: asked once, not per step
+        self._decode_fused = acc is not None and acc[1] != "last"  # a decode kernel can observe for the policy
         self._acc: Accumulate | None = None
 
     # -- transformers' layer contract ----------------------------------------------------------------
@@ -136,7 +137,7 @@ class CompressedLayer(CacheLayerMixin):
         """Where a fused decode kernel puts the policy's observation (``accumulated_attention()``), or None;
         made again only when the slot table reallocates."""
         spec = self._acc_spec
-        if spec is None or spec[1] == "last":  # a last use is observed for prompts only, decode steps observe
+        if not self._decode_fused:  # nothing declared, or a last use: decode steps call observe()
             return None
         into = self.slots.tensors[spec[0]]
         acc = self._acc
@@ -174,7 +175,7 @@ class CompressedLayer(CacheLayerMixin):
             self.store.append(key_states, value_states, Step(self.seen, cap))
         self.seen += q
         # stand-ins when the store will attend: always, unless the policy observes what no kernel can
-        stand_ins = None if self.selection.needs_attention and self._acc_spec is None else self.store.stand_ins()
+        stand_ins = None if self.selection.needs_attention and not self._decode_fused else self.store.stand_ins()
         keys, values = stand_ins if stand_ins is not None else self.store.keys_values()
         self.dense_returned = stand_ins is None
         self.returned_keys = keys
