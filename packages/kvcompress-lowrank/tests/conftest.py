@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 import transformers
+
+from kvcompress import testing
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -43,18 +46,7 @@ def ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
     return torch.randint(1, 96, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def greedy_logits(model, prompt: torch.Tensor, cache, steps: int = 24, attention_mask=None) -> torch.Tensor:
-    """Prefill ``prompt``, then ``steps`` greedy steps: the logits of every step ``[steps+1, B, V]``."""
-    with torch.no_grad():
-        out = model(prompt, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-        logits = [out.logits[:, -1]]
-        for _ in range(steps):
-            token = out.logits[:, -1:].argmax(-1)
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=-1)
-            out = model(token, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits)
+greedy_logits = functools.partial(testing.greedy_logits, steps=24)  # prefill + greedy steps' logits
 
 
 def full_rank(**extra) -> str:

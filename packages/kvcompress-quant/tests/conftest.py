@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 import transformers
+
+from kvcompress import testing
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -23,15 +26,4 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> transformers.
     return cls[1](cls[0](**{**kwargs, **overrides})).eval()
 
 
-def decode_logits(model, ids: torch.Tensor, cache, steps: int = 24, attention_mask=None) -> torch.Tensor:
-    """Prefill ``ids``, then ``steps`` greedy steps; logits of every step ``[steps+1, B, V]``."""
-    with torch.no_grad():
-        out = model(ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-        logits = [out.logits[:, -1]]
-        for _ in range(steps):
-            token = out.logits[:, -1:].argmax(-1)
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=-1)
-            out = model(token, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits)
+decode_logits = functools.partial(testing.greedy_logits, steps=24)  # prefill + greedy steps' logits

@@ -7,27 +7,13 @@ import kvcompress
 import pytest
 import torch
 from conftest import prompt, tiny_model
+from kvcompress.testing import reachable_tensors
 
 
 def held_storage_bytes(cache) -> int:
     """Bytes of every tensor storage reachable from the cache's layers (found independently of kv_bytes)."""
-    seen: dict[int, torch.Tensor] = {}
-    stack, visited = list(cache.layers), set()
-    while stack:
-        item = stack.pop()
-        if id(item) in visited:
-            continue
-        visited.add(id(item))
-        if isinstance(item, torch.Tensor):
-            seen[item.untyped_storage().data_ptr()] = item
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif hasattr(item, "__dict__") and not isinstance(item, type) and not callable(item):
-            stack.extend(v for k, v in vars(item).items() if k not in ("selection", "representation", "policy",
-                                                                          "cache", "layer", "info"))
-    return sum(t.untyped_storage().nbytes() for t in seen.values())
+    skip = ("selection", "representation", "policy", "cache", "layer", "info")
+    return sum(t.untyped_storage().nbytes() for t in reachable_tensors(list(cache.layers), skip).values())
 
 
 def sketch_bytes(cache) -> int:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
-import torch
 import transformers
 
 from kvcompress import testing
@@ -27,15 +27,4 @@ def arch(request) -> str:
     return request.param
 
 
-def greedy_logits(model, ids: torch.Tensor, cache, steps: int = 32, attention_mask=None) -> torch.Tensor:
-    """Prefill ``ids`` then ``steps`` greedy decode steps; the logits of every step, ``[steps+1, B, V]``."""
-    with torch.no_grad():
-        out = model(ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-        logits = [out.logits[:, -1]]
-        for _ in range(steps):
-            token = out.logits[:, -1:].argmax(-1)
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=-1)
-            out = model(token, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits)
+greedy_logits = functools.partial(testing.greedy_logits, steps=32)  # prefill + greedy steps' logits

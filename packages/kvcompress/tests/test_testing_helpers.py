@@ -39,3 +39,18 @@ def test_every_architecture_decodes_through_a_compressed_cache(arch):
 def test_gpt2_has_no_grouped_heads():
     with pytest.raises(ValueError, match="parameter 'kv_heads' is 2 for gpt2; allowed: 4"):
         tiny_model("gpt2", kv_heads=2)
+
+
+def test_greedy_logits_follow_the_greedy_path():
+    from transformers import DynamicCache
+
+    from kvcompress.testing import greedy_logits
+
+    model = tiny_model("llama")
+    ids = random_ids(20)
+    full = greedy_logits(model, ids, DynamicCache(), steps=5)
+    assert full.shape == (6, 1, model.config.vocab_size)
+    dense = greedy_logits(model, ids, kvcompress.make_cache("dense", model=model), steps=5)
+    torch.testing.assert_close(dense, full, rtol=1e-5, atol=1e-5)
+    tight = greedy_logits(model, ids, kvcompress.make_cache("window(budget=4)", model=model), steps=5)
+    assert not torch.allclose(tight[1:], full[1:], atol=1e-3)  # a 4-token window changes what follows

@@ -58,6 +58,22 @@ def random_ids(n: int, seed: int = 0, batch: int = 1, vocab: int = VOCAB) -> tor
     return torch.randint(2, vocab, (batch, n), generator=g)
 
 
+def greedy_logits(model: Any, ids: torch.Tensor, cache: Any, steps: int = 32,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefill ``ids`` then ``steps`` greedy decode steps through ``cache``; the last-position logits of every
+    forward, ``[steps + 1, B, V]`` (compare a policy whose budget covers the sequence with ``full``'s)."""
+    with torch.no_grad():
+        out = model(ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=-1)
+            out = model(token, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits)
+
+
 def reachable_tensors(obj: Any, skip: tuple[str, ...] = ("selection", "representation", "cache")
                       ) -> dict[int, torch.Tensor]:
     """Every tensor reachable from ``obj`` through attributes, dicts, lists and tuples, by storage pointer: what
