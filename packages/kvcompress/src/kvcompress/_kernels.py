@@ -16,7 +16,7 @@ and ``_combine_kernel`` merges the splits per (batch row, kv head), writes the o
 slot's attention from the kept scores. Two launches instead of one: the split pays where the GPU's
 time is what counts, under CUDA graph capture (``SPLIT = "graphs"``). An eager decode step is bound by the
 host, which the extra launch costs more than the split saves (measured on an H200: h2o's eager step went
-from 1.05x to 1.11x of ``full``'s at 16k, batch 1, while its replayed step went from 12.4 to 8.1 ms).
+from 1.05x to 1.11x of ``full``'s at 16k, batch 1, while its graph decode went from 12.4 to 9.7 ms a token).
 
 Plugins' kernels (quant) use :func:`launch`, :func:`kernel_mask`, :func:`mask_bias`,
 :func:`slot_bias` and :func:`online_softmax_step` from here; none of this is public API.

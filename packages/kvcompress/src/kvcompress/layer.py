@@ -65,7 +65,7 @@ class CompressedLayer(CacheLayerMixin):
         self._spread = getattr(selection, "adaptive", 1.0)
         acc = selection.accumulated_attention() if getattr(selection, "needs_attention", False) else None
         self._acc_spec = acc  # (state, reduce[, "set" | threshold]) or None: asked once, not per step
-        self._decode_fused = acc is not None and acc[1] != "last"  # a decode kernel can observe for the policy
+        self._decode_fused = acc is not None and acc[1] in ("sum", "max")  # a decode kernel can observe for it
         self._acc: Accumulate | None = None
 
     # -- transformers' layer contract ----------------------------------------------------------------

@@ -6,8 +6,9 @@ hits every policy within one step. The headline is the median over steps of (pol
 the same round); the ratio of mean steps is beside it (it also counts the rare steps that compress).
 
 ``profile_steps=N`` adds each policy's GPU time per step (``gpu_time.py``: torch.profiler over N more eager
-steps, after the timed ones) and the share of the step the host takes. ``graphs=true`` adds the graph phase (``graphs.py``): whole greedy decodes through ``kvcompress.static_generate``
-(CUDA graphs on a GPU) against ``full`` in eager ``model.generate``; ``paired=false`` leaves the paired steps out.
+steps, after the timed ones) and the share of the step the host takes. ``graphs=true`` adds the graph phase
+(``graphs.py``): whole greedy decodes through ``kvcompress.static_generate`` (CUDA graphs on a GPU) against
+``full`` in eager ``model.generate``; ``paired=false`` leaves the paired steps out.
 """
 
 from __future__ import annotations
