@@ -86,3 +86,18 @@ def test_max_batch_decodes_through_static_generate_where_it_can(tiny, tmp_path):
     for spec, words in (("full", "allowed: a kvcompress cache"), ("sink(ratio=0.5)", "has a ratio")):
         assert m[spec]["decode_mode"] == "eager" and words in m[spec]["graph_refused"]  # decoded eagerly instead
         assert m[spec]["max_batch"] == 4 and m[spec]["decode_tokens_per_s"] > 0
+
+
+def test_replicate_prefills_one_sequence_and_decodes_the_whole_batch(tiny, tmp_path, oom_policy):
+    params = {"start": 2, "limit": 4, "new_tokens": 3, "prefill_chunk": 16, "graphs": True}
+    cells = {}
+    for replicate in (False, True):
+        cfg = RunConfig(policies=[oom_policy, "sink(budget=16,step=4)"], tasks=["max_batch"], lengths=[32],
+                        out=str(tmp_path / f"{replicate}.jsonl"), data="excerpt", progress=False,
+                        params={"max_batch": {**params, "replicate": replicate}})
+        cells[replicate] = {r["policy"]: r["metrics"] for r in run(cfg, loaded=tiny)}
+    rep = cells[True]
+    assert rep[oom_policy]["replicate"] and rep[oom_policy]["max_batch"] == 3  # batch 4 fails at the full batch
+    sink = rep["sink(budget=16,step=4)"]
+    assert sink["max_batch"] == 4 and sink["decode_mode"] == "eager static layout (no CUDA)"
+    assert sink["kv_bytes"] == cells[False]["sink(budget=16,step=4)"]["kv_bytes"]  # the same layout, all 4 rows

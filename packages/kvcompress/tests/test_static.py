@@ -117,3 +117,43 @@ def test_prefill_chunk_is_checked():
     with pytest.raises(ValueError, match="parameter 'prefill_chunk' is 0; allowed: None"):
         kvcompress.static_generate(model, kvcompress.make_cache("dense", model=model),
                                    torch.ones(1, 4, dtype=torch.long), 2, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("spec", ["dense", "sink(budget=24,step=8)"])
+def test_a_prefilled_and_repeated_cache_is_continued(spec):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(5))
+
+    def prefilled():  # one row fed up to its last token
+        cache = kvcompress.make_cache(spec, model=model)
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        return cache
+
+    want = kvcompress.static_generate(model, prefilled(), ids, 12)
+    if spec == "dense":  # nothing evicted: the same as the whole prompt at once
+        assert torch.equal(want, kvcompress.static_generate(model, kvcompress.make_cache(spec, model=model), ids, 12))
+    cache = prefilled()
+    cache.batch_repeat_interleave(3)
+    got = kvcompress.static_generate(model, cache, ids.expand(3, -1), 12)
+    assert torch.equal(got, want.expand(3, -1))
+    assert cache.get_seq_length() == 40 + 11
+
+
+def test_a_cache_holding_the_whole_input_is_refused():
+    model = tiny_model("llama")
+    cache = kvcompress.make_cache("dense", model=model)
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="already holds 4 tokens and 'input_ids' has 4"):
+        kvcompress.static_generate(model, cache, ids, 2)
+
+
+def test_no_autograd_graph_is_recorded():
+    model = tiny_model("llama")
+    assert any(p.requires_grad for p in model.parameters())  # as a model comes from from_pretrained
+    cache = kvcompress.make_cache("sink(budget=24,step=8)", model=model)
+    kvcompress.static_generate(model, cache, torch.randint(1, 96, (1, 30)), 4)
+    for layer in cache.layers:  # a recorded graph would keep every layer's activations alive
+        assert layer.keys.grad_fn is None and not layer.keys.requires_grad

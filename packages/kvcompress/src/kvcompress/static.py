@@ -113,7 +113,6 @@ def _layers_static(cache: CompressedCache, max_new_tokens: int) -> list[_Static]
     return out
 
 
-@torch.no_grad()
 def _cache_argument(model: Any) -> str:
     """``cache`` where the model's forward takes it (newer transformers), else ``past_key_values``."""
     import inspect
@@ -121,6 +120,7 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@torch.no_grad()
 def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tokens: int,
                     attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None,
                     timings: dict[str, float] | None = None, prefill_chunk: int | None = None) -> torch.Tensor:
@@ -130,7 +130,9 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
     default True on CUDA) or run eagerly the same way elsewhere (the tests check both against eager decoding).
     ``attention_mask`` (left padding) works as in ``generate``. ``prefill_chunk`` feeds a long prompt in
     forwards of that many tokens (the policy compresses between them as it would while streaming), so a long
-    context at a large batch needs one chunk's activations, not the whole prompt's.
+    context at a large batch needs one chunk's activations, not the whole prompt's. A cache that already holds
+    the first ``p`` tokens of ``input_ids`` (``cache.get_seq_length()``, as in ``generate``) is continued: only
+    ``input_ids[:, p:]`` is fed, at its positions in the whole sequence.
 
     ``timings``, a dict, is filled with where the time went (seconds, the device synchronised at each
     boundary): ``prefill_s``; ``setup_s`` (the static layout, the warm-up steps and the graph capture);
@@ -152,9 +154,13 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
         attention_mask = torch.ones_like(input_ids)
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache_kw = {_cache_argument(model): cache}  # `cache=` where transformers takes it, else `past_key_values=`
+    held = cache.get_seq_length()
+    if held >= n:
+        raise ValueError(f"static_generate: the cache already holds {held} tokens and 'input_ids' has {n}; "
+                         "allowed: input_ids longer than what the cache holds (the whole sequence, as in generate)")
     clock = _Clock(timings, device)
     step_n = prefill_chunk or n
-    for start in range(0, n, step_n):  # the prompt, in one forward or in chunks
+    for start in range(held, n, step_n):  # the prompt (what the cache lacks), in one forward or in chunks
         end = min(n, start + step_n)
         out = model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
                     position_ids=position[:, start:end], use_cache=True, logits_to_keep=1, **cache_kw)

@@ -10,6 +10,13 @@ fed in ``prefill_chunk`` chunks) for every policy it accepts, so the batch must 
 ``decode_tokens_per_s`` is the steady replay's; ``full`` and refused policies decode eagerly as without it
 (``decode_mode`` says which). Aggregate tokens/s at each cache's largest batch against ``full``'s at its own
 is then one grid away.
+
+``replicate=true`` builds each attempt's batch from one sequence: its prompt but the last token is prefilled at
+batch 1, the cache is repeated across the batch (``batch_repeat_interleave``), then the last token and the
+decode steps run at the full batch. That is how a server fills a batch (each sequence prefilled on its own,
+decoded together), and it costs one prefill per attempt instead of a batch of them: at 32k a batch of 200 is
+about 700 s of prefill. The largest batch is then bound by the caches and the decode step, not by a batch's
+prefill. Decode speed does not depend on which tokens are held, and every row keeps the same slots.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ class MaxBatchTask:
     higher_is_better = True
     default_lengths = (32768,)
     defaults: ClassVar[dict[str, Any]] = {"start": 1, "limit": 1024, "new_tokens": 4, "prefill_chunk": 2048,
-                                          "cudnn_sdpa": False, "graphs": False}
+                                          "cudnn_sdpa": False, "graphs": False, "replicate": False}
     limits: ClassVar[dict[str, tuple]] = {"start": (1, None), "limit": (1, None), "new_tokens": (1, None),
                                           "prefill_chunk": (1, None)}
     needs_text = False
@@ -63,6 +70,7 @@ class MaxBatchTask:
                 fits, fails = (mid, fails) if tried[mid]["fits"] else (fits, mid)
         best = tried.get(fits, {})
         return {"max_batch": fits, "oom_at": fails, "limit": limit, "cudnn_sdpa": cudnn,
+                "replicate": bool(ctx.params.get("replicate")),
                 "decode_tokens_per_s": best.get("decode_tokens_per_s"), "decode_mode": best.get("decode_mode"),
                 "graph_refused": best.get("graph_refused"), "kv_bytes": best.get("kv_bytes"),
                 "allocator_peak_bytes": best.get("allocator_peak_bytes"),
@@ -82,15 +90,21 @@ class MaxBatchTask:
             cuda = [d for d in ctx.all_devices if d.type == "cuda"]
             for d in cuda:
                 torch.cuda.reset_peak_memory_stats(d)
-            ids = batch_ids(ctx, batch)
             cache = ctx.make_cache()
             chunk = ctx.chunk or int(ctx.params["prefill_chunk"])
+            if ctx.params.get("replicate"):  # one sequence prefilled, its cache repeated across the batch
+                row = batch_ids(ctx, 1)
+                prefill(ctx.model, row[:, :-1], cache, chunk=chunk)
+                cache.batch_repeat_interleave(batch)
+                ids = row.expand(batch, -1)
+            else:
+                ids = batch_ids(ctx, batch)
             per_step, refused = None, None
             if ctx.params.get("graphs"):
                 per_step, refused = _static_step(ctx, cache, ids, chunk)
                 mode = "graph replay" if ctx.device.type == "cuda" else "eager static layout (no CUDA)"
             if per_step is None:
-                logits = prefill(ctx.model, ids, cache, chunk=chunk)
+                logits = prefill(ctx.model, ids[:, cache.get_seq_length():], cache, chunk=chunk)
                 steps = []
                 for _ in range(int(ctx.params["new_tokens"])):
                     sync(ctx.all_devices)
