@@ -108,3 +108,48 @@ def test_splits_fill_what_the_compiled_kernel_runs_at_once():
     resident = resident_programs(plan.key, store.device)
     assert resident is not None and resident >= 1
     assert plan.n_mid == kernels._splits(store.m, 2, resident * kernels._sm_count(store.device))[0]
+
+
+@pytest.mark.parametrize("observe", [False, True])
+def test_lengths_read_from_the_device_over_a_larger_held_middle(observe):
+    """A static layout's launch: lengths from a device tensor, splits over the middle's whole capacity (the
+    programs past its length add nothing); the same output and observation as the launch from host counts,
+    also replayed as a CUDA graph after the store grew."""
+    from kvcompress.store import Accumulate
+
+    store = _store(4, "channel", "token", b=2, h=4, n=3000)
+    store._alloc_mid(store.m + 4096)  # room the layout holds for tokens still to come
+    query = torch.randn(store.b, 16, 1, 128, device="cuda", dtype=torch.bfloat16)
+    n = store.length
+    bias = torch.zeros(store.b, store.h, n + 64, device="cuda")
+    lens = torch.tensor([store.sink + store.w, store.m], device="cuda")
+
+    def run(lens_arg):
+        acc = torch.zeros(store.b, store.h, n + 64, device="cuda") if observe else None
+        out = kernels.decode_attention(store, query, None, 128**-0.5, bias,
+                                       Accumulate(acc, "sum") if observe else None, lens=lens_arg)
+        return out, acc
+
+    want, want_acc = run(None)
+    got, got_acc = run(lens)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-2)
+    if observe:
+        torch.testing.assert_close(got_acc, want_acc, atol=1e-4, rtol=1e-3)
+    graph = torch.cuda.CUDAGraph()
+    static_out = {}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(lens)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        static_out["out"] = kernels.decode_attention(store, query, None, 128**-0.5, bias, None, lens=lens)
+    k = torch.randn(store.b, store.h, 1, 128, device="cuda", dtype=torch.bfloat16)
+    store.fk[:, :, store.sink + store.w] = k[:, :, 0]  # one more tail token, as a layout's append writes it
+    store.fv[:, :, store.sink + store.w] = k[:, :, 0]
+    store.w += 1
+    lens[0] += 1
+    graph.replay()
+    ref = kernels.reference_attention(store, query, None, 128**-0.5)
+    rel = float((static_out["out"].float() - ref.float()).norm() / ref.float().norm())
+    assert rel < 1e-2, rel

@@ -3,11 +3,15 @@ decoding; on a GPU the step is a replayed CUDA graph (the same check runs there)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 from conftest import tiny_model
 
 import kvcompress
+from kvcompress.store import DenseStore
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SPECS = ["dense", "sink(budget=24,step=8)", "window(budget=16,step=4)", "keydiff(budget=20,step=6)",
@@ -56,13 +60,22 @@ def test_static_decoding_refuses_what_it_cannot_hold(spec, words):
                                    4)
 
 
-def test_a_packed_store_is_refused():
-    if "quant" not in kvcompress.get_registry().policies:
-        pytest.skip("kvcompress-quant is not installed")
+@dataclass
+class _OwnStore(kvcompress.Representation):
+    """A representation that does not say its store has a static layout (the default)."""
+
+    name: ClassVar[str] = "own-store"
+
+    def make_store(self, layer):
+        return DenseStore(layer)
+
+
+def test_a_store_without_a_static_layout_is_refused():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="allowed: the core's dense store"):
-        kvcompress.static_generate(model, kvcompress.make_cache("sink(budget=8)+quant(bits=4)", model=model),
-                                   torch.ones(1, 4, dtype=torch.long), 4)
+    cache = kvcompress.make_cache("sink(budget=8)", model=model) | _OwnStore()
+    with pytest.raises(ValueError, match="stores tokens as own-store.*: its store's layout is not static; allowed"):
+        kvcompress.static_generate(model, cache, torch.ones(1, 4, dtype=torch.long), 4)
+    assert cache.get_seq_length() == 0  # refused before the prompt
 
 
 @pytest.mark.parametrize("device", DEVICES)

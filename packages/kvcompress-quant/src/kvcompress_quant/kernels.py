@@ -186,7 +186,7 @@ if AVAILABLE:
                                    "n_mid_splits", "stride_mb", "stride_ms", "stride_bias"],
                 do_not_specialize_on_alignment=["Q", "M", "BIAS"])
     def _split_kernel(
-        Q, FK, FV, CK, CV, KS, KZ, VS, VZ, M, PM, PL, PA, Out, LOCK, HM, BIAS, LSE,
+        Q, FK, FV, CK, CV, KS, KZ, VS, VZ, M, PM, PL, PA, Out, LOCK, HM, BIAS, LSE, LENS,
         s_len, m_len, w_len, cap_m, capf, split_tokens, n_mid_splits, qk_scale, stride_mb, stride_ms,
         stride_bias,
         HKV: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
@@ -194,11 +194,15 @@ if AVAILABLE:
         SINK: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
         PIECES: tl.constexpr, W: tl.constexpr, CONV: tl.constexpr, MERGE_CHUNK: tl.constexpr,
         GQA_P2: tl.constexpr, ROTATE: tl.constexpr, HAS_BIAS: tl.constexpr, OBSERVE: tl.constexpr,
+        DEVICE_LENS: tl.constexpr,
     ):
         # Every store tensor is contiguous, so strides follow from the shapes: codes [B, HKV, cap_m, DP],
         # scales [B, HKV, cap_m // GT, D] (per channel) or [B, HKV, cap_m, D // GC] (per token),
         # full-precision buffers [B, HKV, capf, D], the query [B, HKV * GQA, D]; the per-slot bias
         # [B * HKV, >= s + m + w] (row stride stride_bias) in the slot table's order: sink, middle, tail.
+        # DEVICE_LENS (a static layout, CUDA graphs): the lengths come from LENS, see _device_lens.
+        if DEVICE_LENS:
+            s_len, m_len, w_len = _device_lens(LENS, SINK)
         split = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // HKV
@@ -377,6 +381,15 @@ if AVAILABLE:
                 _merge_rows(PM, PL, PA, Out, LSE, bh * GQA, GQA, GQA_P2, ns, D, MERGE_CHUNK, OBSERVE)
                 tl.store(LOCK + bh, 0)  # ready for the next launch (stream order)
 
+    @triton.jit
+    def _device_lens(LENS, SINK: tl.constexpr):
+        """(sink, middle, tail) lengths from a static layout's ``[at, m]`` (int64): ``at`` is the next free
+        full-precision slot (the sink fills first, then the tail from ``SINK``), ``m`` the middle's length."""
+        at = tl.load(LENS).to(tl.int32)
+        m = tl.load(LENS + 1).to(tl.int32)
+        s = tl.minimum(at, SINK)
+        return s, m, at - s
+
     @triton.jit(do_not_specialize=["ns"])
     def _merge_kernel(PM, PL, PA, Out, LSE, ns, D: tl.constexpr, NS_P2: tl.constexpr, OBSERVE: tl.constexpr):
         """The merge as a second launch (``MERGE_CHUNK = 0``): one program per output row."""
@@ -436,19 +449,21 @@ if AVAILABLE:
                                    "n_mid_splits", "acap", "stride_mb", "stride_ms", "stride_bias"],
                 do_not_specialize_on_alignment=["Q", "M", "BIAS"])
     def _observe_kernel(
-        Q, FK, CK, KS, KZ, M, LSE, ACC, HM, BIAS,
+        Q, FK, CK, KS, KZ, M, LSE, ACC, HM, BIAS, LENS,
         s_len, m_len, w_len, cap_m, capf, split_tokens, n_mid_splits, acap, qk_scale, stride_mb, stride_ms,
         stride_bias,
         HKV: tl.constexpr, GQA: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         GT: tl.constexpr, GC: tl.constexpr, K_TOKEN: tl.constexpr, SINK: tl.constexpr,
         MASK_KIND: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, ROTATE: tl.constexpr, REDUCE_MAX: tl.constexpr,
-        HAS_BIAS: tl.constexpr, REPLACE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, REPLACE: tl.constexpr, DEVICE_LENS: tl.constexpr,
     ):
         """Each slot's attention of this decode step, reduced over the GQA query heads of its kv head, added
         to the float32 slot state ``ACC`` ``[B * HKV, acap]``: the scores again (keys only) against each
         row's log2 softmax denominator ``LSE`` that the attention launch wrote. Same splits as the
         attention."""
+        if DEVICE_LENS:
+            s_len, m_len, w_len = _device_lens(LENS, SINK)
         split = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // HKV
@@ -595,22 +610,25 @@ class _Plan(NamedTuple):
     n_mid: int  # splits of the quantized middle (the sink + tail is one more)
     per: int  # tokens per split
     fast: bool  # ``args`` are data pointers
-    args: tuple  # the store's 8 tensors, the workspace's pm, pl, pa, lock, the rotation, lse (or pointers)
+    args: tuple  # the store's 8 tensors; the workspace's pm, pl, pa, lock; rotation, lse, lens (or pointers)
     tensors: tuple  # the same as tensors (held: their pointers stay valid while the plan lives)
     options: dict  # Triton's compile options
 
 
 def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int, has_bias: bool,
-          observe: bool) -> _Plan:
+          observe: bool, lens: torch.Tensor | None = None) -> _Plan:
     """What a decode step launches with, except what changes every step, cached on the store until its
-    middle grows (every ``group`` tokens), its tensors move, or the query, mask or tunables change.
+    middle grows (every ``group`` tokens), its tensors move, or the query, mask or tunables change. With
+    ``lens`` (a static layout) the kernel reads the lengths from that device tensor and the splits cover the
+    middle's whole capacity (the programs past its length do nothing).
 
     Once the kernel is compiled, the store's and the workspace's tensors go to the launcher as data
     pointers: a tensor argument costs the launcher a ``data_ptr()`` call and a driver query per launch.
     """
     b, hq, _, d = query.shape
-    signature = (store.m, b, hq, query.dtype, mask.dtype, mask_kind, has_bias, observe, PIECES, BLOCK_N,
-                 NUM_WARPS, NUM_STAGES,
+    m_splits = store.cap_m if lens is not None else store.m
+    signature = (m_splits, lens is not None, b, hq, query.dtype, mask.dtype, mask_kind, has_bias, observe,
+                 PIECES, BLOCK_N, NUM_WARPS, NUM_STAGES,
                  SPLIT_MIN, PROGRAMS_PER_SM, MAX_WAVES, CONV, MERGE_CHUNK, MAXNREG,
                  id(store.fk), id(store.fv), id(store.ck), id(store.cv), id(store.ks), id(store.kz),
                  id(store.vs), id(store.vz))
@@ -625,15 +643,16 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int, has_bi
         V_TOKEN=store.value_axis == "token", SINK=store.sink, MASK_KIND=mask_kind,
         BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, PIECES=width > 0, W=max(16, width),
         CONV=0 if INTERPRET else CONV, MERGE_CHUNK=MERGE_CHUNK, GQA_P2=triton.next_power_of_2(hq // hkv),
-        ROTATE=bool(store.rotate), HAS_BIAS=has_bias, OBSERVE=observe,
+        ROTATE=bool(store.rotate), HAS_BIAS=has_bias, OBSERVE=observe, DEVICE_LENS=lens is not None,
     )  # MERGE_CHUNK 0: the merge runs as a second launch
     key = (query.device, query.dtype, store.dtype, mask.dtype, NUM_WARPS, NUM_STAGES, MAXNREG,
            *consts.values())
     resident = PROGRAMS_PER_SM or resident_programs(key, query.device) or 2  # 2: a guess until compiled
-    n_mid, per = _splits(store.m, b * hkv, resident * _sm_count(query.device))
+    n_mid, per = _splits(m_splits, b * hkv, resident * _sm_count(query.device))
     pm, pl, pa, lock, lse = _workspace(query.device, b * hkv, hq // hkv, n_mid + 1, d)
     rotation = codec.hadamard(d, query.device) if store.rotate else pm  # pm: never read
-    tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock, rotation, lse)
+    tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock, rotation, lse,
+               lens if lens is not None else pm)  # pm: never read
     fast = is_compiled(key)  # the first launch compiles, and Triton specialises on tensors, not pointers
     args = tuple(t.data_ptr() for t in tensors) if fast else tensors
     options = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, **({"maxnreg": MAXNREG} if MAXNREG else {}))
@@ -643,13 +662,15 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int, has_bi
 
 
 def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-                     bias: torch.Tensor | None = None, accumulate=None) -> torch.Tensor | None:
+                     bias: torch.Tensor | None = None, accumulate=None, lens: torch.Tensor | None = None
+                     ) -> torch.Tensor | None:
     """Attention of one query per head ``[B, Hq, 1, D]`` over ``store``; returns ``[B, 1, Hq, D]``.
 
     ``bias`` ``[B, H_kv, >= S]`` (float32) is added to each slot's score. With ``accumulate`` (the core's
     ``Accumulate``: a float32 slot state and "sum" or "max") a second launch adds each slot's attention,
-    reduced over the query heads of its kv head, into that state. Returns ``None`` (use the dense path)
-    for shapes the kernel does not cover.
+    reduced over the query heads of its kv head, into that state. ``lens`` (a static layout's ``[at, m]``,
+    int64 on the device): the lengths are read there, not from the store's host counters, so the launch can
+    be captured once and replayed. Returns ``None`` (use the dense path) for shapes the kernel does not cover.
     """
     b, hq, q, d = query.shape
     if q != 1 or hq % store.h or d & (d - 1) or d < 16 or b != store.b:
@@ -668,7 +689,7 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
     mask_kind, mask, smb, sms = decode_mask
     if not query.is_contiguous():
         query = query.contiguous()
-    plan = _plan(store, query, mask, mask_kind, bias is not None, acc is not None)
+    plan = _plan(store, query, mask, mask_kind, bias is not None, acc is not None, lens)
     a, ns = plan.args, plan.grid[0]
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
     bias_in = bias if bias is not None else out  # out: never read without a bias
@@ -679,7 +700,7 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
     stride_bias = bias.stride(1) if bias is not None else 0
     launch(_split_kernel, plan.grid, plan.key, (
         q_in, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], mask_in, a[8], a[9], a[10], out_in, a[11],
-        a[12], bias_in, a[13], store.s, store.m, store.w, store.cap_m, store.fk.shape[2], plan.per,
+        a[12], bias_in, a[13], a[14], store.s, store.m, store.w, store.cap_m, store.fk.shape[2], plan.per,
         plan.n_mid,
         scaling * LOG2E, smb, sms, stride_bias,
     ), plan.consts, **plan.options)
@@ -693,11 +714,11 @@ def decode_attention(store, query: torch.Tensor, attention_mask: torch.Tensor | 
                  "DOT_F32", "ROTATE")
         consts = {name: plan.consts[name] for name in names}
         consts.update(REDUCE_MAX=accumulate.reduce == "max", HAS_BIAS=bias is not None,
-                      REPLACE=bool(getattr(accumulate, "replace", False)))
+                      REPLACE=bool(getattr(accumulate, "replace", False)), DEVICE_LENS=lens is not None)
         key = (query.device, query.dtype, store.dtype, mask.dtype, "observe", *consts.values())
         t = plan.tensors
         launch(_observe_kernel, plan.grid, key, (
-            query, t[0], t[2], t[4], t[5], mask, t[13], acc, t[12], bias if bias is not None else out,
+            query, t[0], t[2], t[4], t[5], mask, t[13], acc, t[12], bias if bias is not None else out, t[14],
             store.s, store.m, store.w, store.cap_m, store.fk.shape[2], plan.per, plan.n_mid, acc.shape[2],
             scaling * LOG2E, smb, sms, stride_bias,
         ), consts, num_warps=NUM_WARPS)

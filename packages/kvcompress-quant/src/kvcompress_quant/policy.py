@@ -69,6 +69,15 @@ class Quant(Representation):
             return self.channel_group
         return 64
 
+    def static_refusal(self, cuda_graph: bool) -> str | None:
+        """Static decode steps work everywhere; replayed as CUDA graphs through the fused kernel only."""
+        from . import kernels
+
+        if cuda_graph and (self.kernel == "torch" or not kernels.AVAILABLE):
+            why = "kernel='torch'" if self.kernel == "torch" else kernels.UNAVAILABLE_REASON
+            return f"CUDA graphs need the fused Triton kernel ({why})"
+        return None
+
     def make_store(self, layer: LayerInfo) -> QuantStore:
         from .store import QuantStore
 

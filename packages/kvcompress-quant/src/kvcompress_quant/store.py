@@ -51,6 +51,7 @@ class QuantStore(KVStore):
         self._stand_in: torch.Tensor | None = None
         self._fused: bool | None = None  # whether attend() runs the Triton kernel (decided once)
         self.launch_cache: dict = {}  # the kernel's per-store launch constants (kernels.py)
+        self.pinned = False  # held in place by a static layout (static.py): the middle must not move
 
     # -- layout helpers --------------------------------------------------------------------------
     @property
@@ -125,6 +126,8 @@ class QuantStore(KVStore):
     def _reserve_mid(self, needed: int) -> None:
         if needed <= self.cap_m:
             return
+        if self.pinned:
+            raise RuntimeError(f"QuantStore: the held middle of {self.cap_m} slots cannot take {needed}")
         grow = max(needed, self.cap_m + max(self.cap_m // GROWTH, self.group))  # little slack: memory counts
         if self.cap_hint is not None:
             bound = max(self.cap_hint - self.sink - self.window, needed)
@@ -367,6 +370,11 @@ class QuantStore(KVStore):
         target = _round_up(max(self.m, capacity - self.sink - self.window, 0), self.group)
         if self.fk is not None and self.cap_m > target:
             self._alloc_mid(target)
+
+    def static_layout(self, capacity: int, cuda_graph: bool):
+        from .static import QuantLayout
+
+        return QuantLayout(self, capacity, cuda_graph)
 
     def tensors(self) -> list[torch.Tensor]:
         names = ("fk", "fv", "ck", "cv", "ks", "kz", "vs", "vz")

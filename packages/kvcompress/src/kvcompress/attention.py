@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import _kernels, _prefill_kernels
 from .layer import CompressedLayer, current
+from .store import Accumulate
 
 NAME = "kvcompress"
 QUERY_CHUNK = 256  # queries per chunk when a prompt's attention weights are observed
@@ -250,7 +251,9 @@ def _static_attention(layer: CompressedLayer, query, key, value, scaling) -> tor
     state = layer.slots.tensors[acc[0]] if acc is not None else None
     cap = key.shape[2]
     fused = (state, acc[1], len(acc) > 2 and acc[2] == "set") if acc is not None else None
-    out = _kernels.fused_decode(query, key, value, cap, None, scaling, bias, fused)
+    out = layer.static.layout.attend(query, scaling, bias, Accumulate(*fused) if fused is not None else None)
+    if out is None:  # the layout handed out keys and values over the whole capacity
+        out = _kernels.fused_decode(query, key, value, cap, None, scaling, bias, fused)
     if out is None:
         out, weights = decode_attention(query, key, value, None, scaling, bias)
         if acc is not None:

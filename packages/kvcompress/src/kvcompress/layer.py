@@ -147,12 +147,11 @@ class CompressedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.static is not None:  # a decode step over the fixed layout (graph-safe: device-side only)
-            self.static.append(key_states, value_states)
-            buf = self.store.buf.tensors
-            self.returned_keys = buf["keys"]
+            keys, values = self.static.append(key_states, value_states)
+            self.returned_keys = keys
             self.awaiting_attention = True
             current.layer = self
-            return buf["keys"], buf["values"]
+            return keys, values
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_attention and (self.selection.target(self.seen) is not None

@@ -204,6 +204,12 @@ class Representation(Policy):
         """A fresh store for one layer (``layer`` has its dims, device, dtype, RoPE and ``shared``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement make_store()")
 
+    def static_refusal(self, cuda_graph: bool) -> str | None:
+        """Called by :func:`kvcompress.static_generate` before it touches a cache: ``None`` when this
+        representation's stores offer :meth:`KVStore.static_layout` (for steps replayed as CUDA graphs when
+        ``cuda_graph``), else why not, in a few words (default: they do not)."""
+        return "its store's layout is not static"
+
 
 @dataclass
 class CachePolicy(Policy):

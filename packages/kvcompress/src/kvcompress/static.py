@@ -26,17 +26,18 @@ import torch
 
 from .cache import CompressedCache
 from .policy import SelectionPolicy
-from .store import DenseStore
+from .store import StaticLayout
 
 
-def _check(cache: Any) -> None:
+def _check(cache: Any, cuda_graph: bool) -> None:
     if not isinstance(cache, CompressedCache):
         raise ValueError(f"static_generate: parameter 'cache' is a {type(cache).__name__}; allowed: a kvcompress "
                          "cache (make_cache(spec, model=model); 'dense' for no compression)")
     sel, rep = cache.selection, cache.representation
-    if rep is not None:
-        raise ValueError(f"static_generate: cache {cache.spec!r} stores tokens as {rep.spec()}; allowed: the "
-                         "core's dense store (no representation) — a packed store's layout is not static")
+    refusal = rep.static_refusal(cuda_graph) if rep is not None else None
+    if refusal is not None:
+        raise ValueError(f"static_generate: cache {cache.spec!r} stores tokens as {rep.spec()}: {refusal}; "
+                         "allowed: the core's dense store, or a representation whose store has a static layout")
     if isinstance(sel, SelectionPolicy):
         if sel.ratio is not None:
             raise ValueError(f"static_generate: policy {sel.spec()!r} has a ratio; allowed: a fixed budget "
@@ -52,20 +53,20 @@ def _check(cache: Any) -> None:
 
 
 class _Static:
-    """One layer held at a fixed capacity: device slot counter, bias ``-inf`` on empty or padding slots."""
+    """One layer held at a fixed capacity: the slot table (device slot counter, bias ``-inf`` on empty or
+    padding slots) here, the keys and values in the store's :class:`StaticLayout`."""
 
-    def __init__(self, layer, capacity: int) -> None:
-        if not isinstance(layer.store, DenseStore):
-            raise ValueError("static_generate: a layer's store is not the core's DenseStore")
+    def __init__(self, layer, capacity: int, cuda_graph: bool) -> None:
         self.layer = layer
-        slots, buf = layer.slots, layer.store.buf
+        slots = layer.slots
         n = slots.length
         if capacity < n + 1:
             raise ValueError(f"static_generate: capacity {capacity} does not exceed the {n} stored slots")
-        slots._reallocate(capacity)  # exactly: the buffers never move again
-        buf._reallocate(capacity)
-        for t in buf.tensors.values():  # empty slots hold zeros, never garbage (0 * -inf bias is not NaN-free)
-            t[:, :, n:].zero_()
+        layout = layer.store.static_layout(capacity, cuda_graph)
+        if layout is None:
+            raise ValueError(f"static_generate: a layer's store ({type(layer.store).__name__}) has no static layout")
+        self.layout = layout
+        slots._reallocate(capacity)  # exactly: the slot table never moves again
         if "bias" not in slots.tensors:
             slots.add("bias", torch.zeros((), dtype=torch.float32))
         layer._prefill_free_slots(layer.seen)
@@ -82,26 +83,25 @@ class _Static:
         bias[:, :, n:].fill_(float("-inf"))
         self.count.fill_(n)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Device-side append (graph-safe): slot ``count`` gets the step's key and value and bias 0."""
-        buf = self.layer.store.buf.tensors
-        buf["keys"].index_copy_(2, self.count, keys)
-        buf["values"].index_copy_(2, self.count, values)
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device-side append (graph-safe): slot ``count`` gets bias 0, the layout the step's key and value."""
         self.layer.slots.tensors["bias"].index_fill_(2, self.count, 0.0)
+        return self.layout.append(keys, values, self.count)
 
     def advance(self) -> None:
         """Host bookkeeping after a replayed (or eager static) step, then eviction when due."""
         layer = self.layer
         layer.slots.length += 1
-        layer.store.buf.length += 1
         layer.seen += 1
+        self.layout.advance()
         before = layer.evictions
         layer.maybe_evict(new=1)
         if layer.evictions != before:
+            self.layout.rebind()
             self.reset_bias()
 
 
-def _layers_static(cache: CompressedCache, max_new_tokens: int) -> list[_Static]:
+def _layers_static(cache: CompressedCache, max_new_tokens: int, cuda_graph: bool) -> list[_Static]:
     out = []
     for layer in cache.layers:
         target = layer.selection.target(layer.seen)
@@ -109,7 +109,7 @@ def _layers_static(cache: CompressedCache, max_new_tokens: int) -> list[_Static]
             capacity = layer.slots.length + max_new_tokens + 1
         else:
             capacity = max(layer.selection.kept_slots(target) + layer.selection.step, layer.slots.length + 1)
-        out.append(_Static(layer, capacity))
+        out.append(_Static(layer, capacity, cuda_graph))
     return out
 
 
@@ -144,11 +144,11 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
                                       or prefill_chunk < 1):
         raise ValueError(f"static_generate: parameter 'prefill_chunk' is {prefill_chunk!r}; allowed: None (the "
                          "prompt in one forward) or an integer >= 1")
-    _check(cache)
     device = input_ids.device
     use_graph = (device.type == "cuda") if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":
         raise ValueError("static_generate: parameter 'cuda_graph' is True but the model is not on a CUDA device")
+    _check(cache, use_graph)
     b, n = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -170,7 +170,7 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
     if max_new_tokens == 1:
         clock.steady(0)
         return tokens
-    layers = _layers_static(cache, max_new_tokens)
+    layers = _layers_static(cache, max_new_tokens, use_graph)
     ids = tokens[:, :1].clone()
     pos = position[:, -1:] + 1
     cpos = torch.full((1,), n, dtype=torch.long, device=device)
@@ -186,7 +186,12 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
         cpos.add_(1)
         step.add_(1)
 
-    def bookkeeping() -> None:
+    preparing = [s.layout for s in layers if type(s.layout).prepare is not StaticLayout.prepare]
+
+    def stepped(run) -> None:  # host work due before a step, the step (replayed or eager), its bookkeeping
+        for layout in preparing:
+            layout.prepare()
+        run()
         for static in layers:
             static.advance()
 
@@ -194,8 +199,7 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
     if not use_graph:
         clock.mark("setup_s")
         for _ in range(remaining):
-            decode_step()
-            bookkeeping()
+            stepped(decode_step)
         clock.steady(remaining)
         _release(layers)
         return tokens
@@ -204,8 +208,7 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(warm):
-            decode_step()
-            bookkeeping()
+            stepped(decode_step)
     torch.cuda.current_stream(device).wait_stream(side)
     remaining -= warm
     if remaining:
@@ -214,8 +217,7 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
             decode_step()
     clock.mark("setup_s")
     for _ in range(remaining):
-        graph.replay()
-        bookkeeping()
+        stepped(graph.replay)
     clock.steady(remaining)
     _release(layers)
     return tokens
@@ -255,6 +257,7 @@ def _release(layers: list[_Static]) -> None:
     for static in layers:
         layer = static.layer
         layer.static = None
+        static.layout.release()
         n = layer.slots.length
         bias = layer.slots.tensors["bias"]
         bias[:, :, :n].masked_fill_(~layer.slots.tensors["valid"][:, :, :n], 0.0)

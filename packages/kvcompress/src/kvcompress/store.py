@@ -114,6 +114,69 @@ class KVStore(ABC):
         """Bytes of every tensor held."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def static_layout(self, capacity: int, cuda_graph: bool) -> StaticLayout | None:
+        """This store held at ``capacity`` slots for :func:`kvcompress.static_generate`'s decode steps, or
+        ``None`` (default): the store cannot keep its tensors in place (static_generate refuses it). Called
+        once, after the prompt; ``cuda_graph``: the steps will be captured and replayed."""
+        return None
+
+
+class StaticLayout:
+    """A store held in place for static decode steps (:func:`kvcompress.static_generate`).
+
+    :meth:`append` and :meth:`attend` run inside the captured step: device-side work only, no host reads of
+    device values, no allocation whose size depends on them, and every tensor they touch stays where it is
+    between replays. :meth:`advance` and :meth:`rebind` run eagerly between steps. The core keeps the slot
+    table (its per-slot bias masks the slots not in use) and the device-side slot counter.
+    """
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's ``[B, H, 1, D]`` key and value; ``slot`` ``[1]`` (int64, on the device) is its slot
+        index. Returns what the layer hands the model: ``[B, H, capacity, D]`` keys and values, or stand-ins
+        of that shape when :meth:`attend` takes the step."""
+        raise NotImplementedError
+
+    def attend(self, query: torch.Tensor, scaling: float, bias: torch.Tensor,
+               accumulate: Accumulate | None) -> torch.Tensor | None:
+        """The step's attention ``[B, 1, Hq, D]`` from the stored form over the whole capacity (``bias``
+        ``[B, H_kv, capacity]`` masks unused slots with ``-inf``), observing into ``accumulate``; or ``None``:
+        the core attends over what :meth:`append` returned."""
+        return None
+
+    def prepare(self) -> None:
+        """Host work due before the next step, after any eviction (a store that packs tokens packs them
+        here, as its eager ``append`` would have on this step's token)."""
+
+    def advance(self) -> None:
+        """Host bookkeeping after each step: the step's token is stored (before the policy may evict)."""
+
+    def rebind(self) -> None:
+        """After an eviction rebuilt the store eagerly: put its contents back into the held tensors."""
+
+    def release(self) -> None:
+        """The static steps are over: the store goes back to eager use."""
+
+
+class _DenseLayout(StaticLayout):
+    """The dense buffers at exactly ``capacity`` slots: a step's key and value written at its slot."""
+
+    def __init__(self, store: DenseStore, capacity: int) -> None:
+        self.store = store
+        buf, n = store.buf, store.buf.length
+        buf._reallocate(capacity)  # exactly: the buffers never move again
+        for t in buf.tensors.values():  # empty slots hold zeros, never garbage (0 * -inf bias is not NaN-free)
+            t[:, :, n:].zero_()
+
+    def append(self, keys, values, slot):
+        buf = self.store.buf.tensors
+        buf["keys"].index_copy_(2, slot, keys)
+        buf["values"].index_copy_(2, slot, values)
+        return buf["keys"], buf["values"]
+
+    def advance(self) -> None:
+        self.store.buf.length += 1
+
 
 class DenseStore(KVStore):
     """Keys and values in the model's dtype, in preallocated buffers written in place."""
@@ -165,3 +228,6 @@ class DenseStore(KVStore):
         acc = (accumulate.into, accumulate.reduce, accumulate.replace) if accumulate is not None else None
         return _kernels.fused_decode(query, buf["keys"], buf["values"], self.buf.length, attention_mask,
                                      scaling, bias, acc)
+
+    def static_layout(self, capacity: int, cuda_graph: bool) -> StaticLayout:
+        return _DenseLayout(self, capacity)

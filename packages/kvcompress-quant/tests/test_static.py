@@ -1,0 +1,93 @@
+"""quant under kvcompress.static_generate: the same tokens and store contents as eager decoding (CPU: the
+static layout decoded by torch; GPU: the fused kernel reading its lengths from the device, steps as CUDA
+graphs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import kvcompress
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SPECS = [
+    "quant(bits=4,group_size=16,window=16)",
+    "quant(bits=4,window=16)",  # groups of 64 (the kernel's folded path on a GPU)
+    "quant(bits=8,group_size=16,window=20,sink=2)",
+    "quant(bits=2,window=16)",  # rotated, groups of 16
+    "sink(budget=48,step=8)+quant(bits=4,group_size=16,window=16)",
+] + (["h2o(budget=48,step=8)+quant(bits=4,group_size=16,window=16)"]  # observed inside the kernel on a GPU
+     if "h2o" in kvcompress.get_registry().policies else [])
+
+
+def _eager(model, spec, ids, new):
+    cache = kvcompress.make_cache(spec, model=model)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new,
+                         min_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:], cache
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SPECS)
+def test_static_decoding_equals_eager(spec, device):
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(0)).to(device)
+    want, eager = _eager(model, spec, ids, 60)
+    cache = kvcompress.make_cache(spec, model=model)
+    got = kvcompress.static_generate(model, cache, ids, 60)
+    assert torch.equal(got, want)
+    for a, b in zip(cache.layers, eager.layers, strict=True):
+        sa, sb = a.store, b.store
+        assert a.static is None and not sa.pinned
+        assert (sa.s, sa.m, sa.w) == (sb.s, sb.m, sb.w) and sa.m > 0  # the same split; groups were packed
+        assert torch.equal(sa.ck[:, :, : sa.m], sb.ck[:, :, : sb.m])  # the same codes
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.values, b.values)
+        assert torch.equal(a.slots.view("positions"), b.slots.view("positions"))
+
+
+def test_no_window_packs_a_group_one_step_later():
+    """window=0: eager append quantizes a group with the token that completes it before that step attends; a
+    static step cannot, so that token attends in full precision once, then its group is packed."""
+    model = tiny_model("llama")
+    spec = "quant(bits=4,group_size=16,window=0,sink=0)"
+    ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(0))
+    want, eager = _eager(model, spec, ids, 60)
+    cache = kvcompress.make_cache(spec, model=model)
+    assert torch.equal(kvcompress.static_generate(model, cache, ids, 60), want)
+    for a, b in zip(cache.layers, eager.layers, strict=True):
+        assert (a.store.s, a.store.m, a.store.w) == (b.store.s, b.store.m, b.store.w)
+        torch.testing.assert_close(a.keys, b.keys, atol=0.05, rtol=0.05)
+
+
+def test_the_held_tensors_never_move():
+    model = tiny_model("llama")
+    cache = kvcompress.make_cache("sink(budget=48,step=8)+quant(bits=4,group_size=16,window=16)", model=model)
+    ids = torch.randint(1, 96, (1, 30), generator=torch.Generator().manual_seed(1))
+    seen: dict[int, set] = {}
+
+    def record(*_):
+        for i, lay in enumerate(cache.layers):
+            st = lay.store
+            ptrs = tuple(t.data_ptr() for t in (st.fk, st.fv, st.ck, st.cv, st.ks, st.vs))
+            seen.setdefault(i, set()).add(ptrs)
+        return None
+
+    handle = model.register_forward_hook(record)
+    try:
+        kvcompress.static_generate(model, cache, ids, 40)
+    finally:
+        handle.remove()
+    layer = cache.layers[0]
+    assert layer.evictions > 0
+    assert all(len(ptrs) <= 2 for ptrs in seen.values())  # the prompt's, then the held ones at every step
+
+
+def test_torch_kernel_is_refused_under_cuda_graphs_only():
+    model = tiny_model("llama")
+    spec = "quant(bits=4,kernel=torch)"
+    ids = torch.randint(1, 96, (1, 10), generator=torch.Generator().manual_seed(2))
+    assert kvcompress.make_cache(spec).representation.static_refusal(False) is None
+    assert "kernel='torch'" in kvcompress.make_cache(spec).representation.static_refusal(True)
+    kvcompress.static_generate(model, kvcompress.make_cache(spec, model=model), ids, 4)  # eager static: fine
