@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 
 import kvcompress
+from kvcompress_quant import QuantStore, kernels
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SPECS = [
@@ -91,3 +92,23 @@ def test_torch_kernel_is_refused_under_cuda_graphs_only():
     assert kvcompress.make_cache(spec).representation.static_refusal(False) is None
     assert "kernel='torch'" in kvcompress.make_cache(spec).representation.static_refusal(True)
     kvcompress.static_generate(model, kvcompress.make_cache(spec, model=model), ids, 4)  # eager static: fine
+
+
+@pytest.mark.skipif(not (kernels.AVAILABLE and (torch.cuda.is_available() or kernels.INTERPRET)),
+                    reason="the fused kernel runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("spec", ["quant(bits=4,group_size=16,window=16)",
+                                  "sink(budget=48,step=8)+quant(bits=2,window=16)"])
+def test_the_fused_kernel_decodes_static_steps_from_device_lengths(spec, monkeypatch):
+    """Eager steps launch the kernel with the host's lengths, static ones with ``[at, m]`` read on the device
+    and splits over the middle's whole capacity: the same tokens and store (no graph: interpretable)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(QuantStore, "_fused_enabled", lambda self: True)  # on the CPU: the interpreted kernel
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(3)).to(device)
+    want, eager = _eager(model, spec, ids, 50)
+    cache = kvcompress.make_cache(spec, model=model)
+    got = kvcompress.static_generate(model, cache, ids, 50, cuda_graph=False)
+    assert torch.equal(got, want)
+    for a, b in zip(cache.layers, eager.layers, strict=True):
+        assert (a.store.s, a.store.m, a.store.w) == (b.store.s, b.store.m, b.store.w) and a.store.m > 0
+        torch.testing.assert_close(a.keys, b.keys)
