@@ -12,10 +12,11 @@ plan) and runs every ``step`` tokens, outside any fixed graph; compiling the who
 eager even for transformers' own ``StaticCache``. This helper captures only the model's decode step.
 
 Supported: selection policies with a fixed ``budget`` (or ``dense``/no eviction, then the capacity is the
-prompt plus ``max_new_tokens``) over the core's dense store, observing ones included where they declare
-``accumulated_attention()`` (the fused kernel observes inside the graph). Not supported (a clear error):
-``ratio`` budgets (the capacity grows), representations with their own store (quant, lowrank), policies with
-``on_tokens``, and ``observe()`` without an ``accumulated_attention()`` sum or max (``lru``).
+prompt plus ``max_new_tokens``), observing ones included where they declare ``accumulated_attention()`` (the
+fused kernel observes inside the graph), over the core's dense store or a representation whose store has a
+static layout (:meth:`KVStore.static_layout`: quant's). Not supported (a clear error): ``ratio`` budgets (the
+capacity grows), stores without a static layout (lowrank), policies with ``on_tokens``, and ``observe()``
+without an ``accumulated_attention()`` sum or max (``lru``).
 """
 
 from __future__ import annotations
