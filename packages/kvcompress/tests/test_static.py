@@ -20,7 +20,8 @@ SPECS = ["dense", "sink(budget=24,step=8)", "window(budget=16,step=4)", "keydiff
 
 def _observing_specs() -> list[str]:
     reg = kvcompress.get_registry().policies
-    return [s for s in ("h2o(budget=20,step=8)", "tova(budget=20,step=4)", "snapkv(budget=24,votes=8,step=8)")
+    return [s for s in ("h2o(budget=20,step=8)", "tova(budget=20,step=4)", "snapkv(budget=24,votes=8,step=8)",
+                        "lru(budget=20,step=4)", "lru(budget=20,step=4,threshold=0.05)")
             if s.split("(")[0] in reg]
 
 

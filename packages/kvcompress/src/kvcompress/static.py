@@ -16,7 +16,8 @@ prompt plus ``max_new_tokens``), observing ones included where they declare ``ac
 fused kernel observes inside the graph), over the core's dense store or a representation whose store has a
 static layout (:meth:`KVStore.static_layout`: quant's). Not supported (a clear error): ``ratio`` budgets (the
 capacity grows), stores without a static layout (lowrank), policies with ``on_tokens``, and ``observe()``
-without an ``accumulated_attention()`` sum or max (``lru``).
+without an ``accumulated_attention()`` (a sum, a max, or lru's last use: the kernel gives each slot's heaviest
+head, compared with the threshold on the device).
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ def _check(cache: Any, cuda_graph: bool) -> None:
             raise ValueError(f"static_generate: policy {sel.name!r} runs on_tokens() every step; allowed: "
                              "policies without it")
         acc = sel.accumulated_attention() if sel.needs_attention else None
-        if sel.needs_attention and (acc is None or acc[1] not in ("sum", "max")):
+        if sel.needs_attention and (acc is None or acc[1] not in ("sum", "max", "last")):
             raise ValueError(f"static_generate: policy {sel.name!r} observes attention decode steps cannot fuse "
-                             "(accumulated_attention() is not a sum or max); allowed: observing policies a fused "
-                             "kernel can serve")
+                             "(accumulated_attention() is None: observe() does more than a sum, a max or a last "
+                             "use); allowed: policies that declare their observation")
 
 
 class _Static:
@@ -72,6 +73,10 @@ class _Static:
             slots.add("bias", torch.zeros((), dtype=torch.float32))
         layer._prefill_free_slots(layer.seen)
         self.count = torch.full((1,), n, dtype=torch.long, device=layer.device)
+        acc = layer._acc_spec
+        # a last use (lru) needs each slot's heaviest query head of the step, then compares it on the device
+        self.scratch = (torch.zeros_like(slots.tensors[acc[0]]) if acc is not None and acc[1] == "last"
+                        else None)
         self.reset_bias()
         layer.static = self
 
