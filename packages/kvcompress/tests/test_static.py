@@ -71,6 +71,27 @@ class _OwnStore(kvcompress.Representation):
         return DenseStore(layer)
 
 
+@dataclass
+class _Counting(kvcompress.SelectionPolicy):
+    """on_tokens() with host-side work (a Python counter): a replayed step would not run it."""
+
+    name: ClassVar[str] = "counting"
+    calls: int = 0
+
+    def on_tokens(self, ctx):
+        self.calls += 1
+
+    def score(self, ctx):
+        return ctx.positions.float()
+
+
+def test_on_tokens_with_host_work_is_refused():
+    model = tiny_model("llama")
+    cache = kvcompress.CompressedCache(_Counting(budget=8), model=model)
+    with pytest.raises(ValueError, match="runs on_tokens\\(\\) every step with host-side work; allowed"):
+        kvcompress.static_generate(model, cache, torch.ones(1, 4, dtype=torch.long), 4)
+
+
 def test_a_store_without_a_static_layout_is_refused():
     model = tiny_model("llama")
     cache = kvcompress.make_cache("sink(budget=8)", model=model) | _OwnStore()

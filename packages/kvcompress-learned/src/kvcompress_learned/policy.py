@@ -29,6 +29,7 @@ class Learned(SelectionPolicy):
     name: ClassVar[str] = "learned"
     needs_hidden_states: ClassVar[bool] = True
     slot_states: ClassVar[dict[str, str]] = {"learned": "float32"}
+    static_on_tokens: ClassVar[bool] = True  # on_tokens writes the new slots' scores only (CUDA graphs)
 
     sink: int = param(4, min=0, help="first tokens always kept (attention sinks)")
     recent: int = param(32, min=0, help="last tokens always kept")

@@ -270,6 +270,12 @@ def _static_attention(layer: CompressedLayer, query, key, value, scaling) -> tor
     if last:  # observe()'s max(last, where(used, position, -1)), with the query's position read on the device
         when = layer.slots.tensors["positions"][0, 0].index_select(0, static.count).float()
         state.copy_(torch.maximum(state, torch.where(static.scratch > acc[2], when, -1.0)))
+    if static.step_state is not None:  # static_on_tokens: the step's slot of each state, then written at its slot
+        ctx = layer.context(query, 1)
+        ctx.__dict__["state"] = static.step_state  # SlotContext.state is a cached property
+        layer.selection.on_tokens(ctx)
+        for name, t in static.step_state.items():
+            layer.slots.tensors[name].index_copy_(2, static.count, t)
     layer.awaiting_attention = False
     static.count.add_(1)
     return out

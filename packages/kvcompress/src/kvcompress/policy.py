@@ -81,7 +81,11 @@ class SelectionPolicy(Policy):
     Class attributes: ``needs_attention`` (observe() gets attention weights), ``needs_hidden_states``
     (``ctx.hidden_states`` holds the attention layer's input; needs ``make_cache(..., model=model)``),
     ``positional`` (score() is recency, so the core may skip it), ``slot_states`` (per-slot state:
-    name -> dtype name such as ``"float32"``, gathered with the kept tokens, zero for new tokens).
+    name -> dtype name such as ``"float32"``, gathered with the kept tokens, zero for new tokens),
+    ``static_on_tokens`` (on_tokens() only writes the new slots' state, ``ctx.state[name][..., -ctx.new:]``,
+    with tensor operations on ``ctx.queries``, ``ctx.hidden_states`` and ``ctx.bound``, and changes nothing
+    on the host: :func:`kvcompress.static_generate` then calls it inside the captured step, ``ctx.state``
+    holding the step's slot alone, which the core writes at its slot on the device).
     """
 
     kind: ClassVar[str] = "selection"
@@ -89,6 +93,7 @@ class SelectionPolicy(Policy):
     needs_hidden_states: ClassVar[bool] = False
     positional: ClassVar[bool] = False
     slot_states: ClassVar[dict[str, str]] = {}
+    static_on_tokens: ClassVar[bool] = False
 
     budget: int = param(256, min=1, help="max tokens kept per (batch, kv-head)")
     ratio: float | None = param(None, min=0.0, min_exclusive=True, max=1.0,

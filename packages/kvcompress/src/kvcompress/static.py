@@ -15,7 +15,8 @@ Supported: selection policies with a fixed ``budget`` (or ``dense``/no eviction,
 prompt plus ``max_new_tokens``), observing ones included where they declare ``accumulated_attention()`` (the
 fused kernel observes inside the graph), over the core's dense store or a representation whose store has a
 static layout (:meth:`KVStore.static_layout`: quant's). Not supported (a clear error): ``ratio`` budgets (the
-capacity grows), stores without a static layout (lowrank), policies with ``on_tokens``, and ``observe()``
+capacity grows), stores without a static layout (lowrank), policies whose ``on_tokens`` does host-side work
+(not ``static_on_tokens``: sketch), and ``observe()``
 without an ``accumulated_attention()`` (a sum, a max, or lru's last use: the kernel gives each slot's heaviest
 head, compared with the threshold on the device).
 """
@@ -44,9 +45,10 @@ def _check(cache: Any, cuda_graph: bool) -> None:
         if sel.ratio is not None:
             raise ValueError(f"static_generate: policy {sel.spec()!r} has a ratio; allowed: a fixed budget "
                              "(the slot table's capacity must not grow)")
-        if type(sel).on_tokens is not SelectionPolicy.on_tokens:
-            raise ValueError(f"static_generate: policy {sel.name!r} runs on_tokens() every step; allowed: "
-                             "policies without it")
+        if type(sel).on_tokens is not SelectionPolicy.on_tokens and not sel.static_on_tokens:
+            raise ValueError(f"static_generate: policy {sel.name!r} runs on_tokens() every step with host-side "
+                             "work; allowed: policies without it, or whose on_tokens() only writes the new slots' "
+                             "state (static_on_tokens)")
         acc = sel.accumulated_attention() if sel.needs_attention else None
         if sel.needs_attention and (acc is None or acc[1] not in ("sum", "max", "last")):
             raise ValueError(f"static_generate: policy {sel.name!r} observes attention decode steps cannot fuse "
@@ -77,6 +79,9 @@ class _Static:
         # a last use (lru) needs each slot's heaviest query head of the step, then compares it on the device
         self.scratch = (torch.zeros_like(slots.tensors[acc[0]]) if acc is not None and acc[1] == "last"
                         else None)
+        # on_tokens() inside the step writes the step's slot of each state here; copied to its slot after
+        self.step_state = ({name: slots.tensors[name][:, :, :1].clone() for name in layer.selection.slot_states}
+                           if layer._on_tokens else None)
         self.reset_bias()
         layer.static = self
 

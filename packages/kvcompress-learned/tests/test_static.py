@@ -1,0 +1,31 @@
+"""learned under kvcompress.static_generate: its on_tokens (the new token's score from its hidden state) runs
+inside the static step and writes the step's slot; the same tokens, kept positions and scores as eager
+decoding (on a GPU each step is a replayed CUDA graph)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompt, tiny_model
+
+import kvcompress
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", ["learned(budget=40,step=4,recent=8,weights=random)",
+                                  "learned(budget=20,recent=4,step=6,weights=random,age_weight=0)"])
+def test_static_decoding_equals_eager(spec, device):
+    model = tiny_model("llama").to(device)
+    ids = prompt(30, seed=2, batch=2).to(device)
+    eager = kvcompress.make_cache(spec, model=model)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=eager, max_new_tokens=40,
+                         min_new_tokens=40, do_sample=False, pad_token_id=0)
+    cache = kvcompress.make_cache(spec, model=model)
+    got = kvcompress.static_generate(model, cache, ids, 40)
+    assert torch.equal(got, out[:, ids.shape[1]:])
+    for a, b in zip(cache.layers, eager.layers, strict=True):
+        assert a.evictions == b.evictions > 0
+        assert torch.equal(a.slots.view("positions"), b.slots.view("positions"))
+        torch.testing.assert_close(a.slots.view("learned"), b.slots.view("learned"))
