@@ -112,3 +112,17 @@ def test_the_fused_kernel_decodes_static_steps_from_device_lengths(spec, monkeyp
     for a, b in zip(cache.layers, eager.layers, strict=True):
         assert (a.store.s, a.store.m, a.store.w) == (b.store.s, b.store.m, b.store.w) and a.store.m > 0
         torch.testing.assert_close(a.keys, b.keys)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_prompt_shorter_than_the_sink(device):
+    """The sink fills first (device-side ``at`` runs on into the tail): a 3-token prompt, sink 8."""
+    model = tiny_model("llama").to(device)
+    spec = "quant(bits=4,group_size=16,window=16,sink=8)"
+    ids = torch.randint(1, 96, (1, 3), generator=torch.Generator().manual_seed(5)).to(device)
+    want, eager = _eager(model, spec, ids, 50)
+    cache = kvcompress.make_cache(spec, model=model)
+    assert torch.equal(kvcompress.static_generate(model, cache, ids, 50), want)
+    for a, b in zip(cache.layers, eager.layers, strict=True):
+        assert (a.store.s, a.store.m, a.store.w) == (b.store.s, b.store.m, b.store.w) == (8, 16, 28)
+        torch.testing.assert_close(a.keys, b.keys)
