@@ -192,3 +192,37 @@ def test_no_autograd_graph_is_recorded():
     kvcompress.static_generate(model, cache, torch.randint(1, 96, (1, 30)), 4)
     for layer in cache.layers:  # a recorded graph would keep every layer's activations alive
         assert layer.keys.grad_fn is None and not layer.keys.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pick", ["one row", "both rows", "two ids"])
+def test_end_ids_stop_and_pad_as_generate_does(device, pick):
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(6)).to(device)
+    plain = kvcompress.static_generate(model, kvcompress.make_cache("sink(budget=24,step=8)", model=model), ids, 40)
+    if pick == "one row":  # a token row 0 emits and row 1 never does
+        eos = next(int(t) for t in plain[0, 3:] if t not in plain[1])
+    elif pick == "both rows":
+        eos = next(int(t) for t in plain[0, 3:] if t in plain[1])
+    else:
+        eos = [int(plain[0, 12]), int(plain[1, 20])]
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                          eos_token_id=eos, pad_token_id=95,
+                          past_key_values=kvcompress.make_cache("sink(budget=24,step=8)", model=model))
+    want = want[:, ids.shape[1]:]
+    got = kvcompress.static_generate(model, kvcompress.make_cache("sink(budget=24,step=8)", model=model), ids, 40,
+                                     eos_token_id=eos, pad_token_id=95)
+    assert torch.equal(got, want)
+    assert (got.shape[1] < 40) == (pick != "one row")
+    assert (got == 95).any()  # a row that ended was padded
+
+
+def test_end_ids_are_checked():
+    model = tiny_model("llama")
+    ids = torch.ones(1, 4, dtype=torch.long)
+    for kwargs, words in (({"eos_token_id": -1}, "parameter 'eos_token_id' is -1"),
+                          ({"eos_token_id": []}, "parameter 'eos_token_id' is \\[\\]"),
+                          ({"pad_token_id": 0}, "parameter 'pad_token_id' is 0 without 'eos_token_id'"),
+                          ({"eos_token_id": 2, "pad_token_id": "x"}, "parameter 'pad_token_id' is 'x'")):
+        with pytest.raises(ValueError, match=words):
+            kvcompress.static_generate(model, kvcompress.make_cache("dense", model=model), ids, 4, **kwargs)

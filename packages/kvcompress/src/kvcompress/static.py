@@ -134,9 +134,13 @@ def _cache_argument(model: Any) -> str:
 @torch.no_grad()
 def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tokens: int,
                     attention_mask: torch.Tensor | None = None, cuda_graph: bool | None = None,
-                    timings: dict[str, float] | None = None, prefill_chunk: int | None = None) -> torch.Tensor:
+                    timings: dict[str, float] | None = None, prefill_chunk: int | None = None,
+                    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
     """Greedy decoding of ``max_new_tokens`` after ``input_ids`` ``[B, n]`` with ``cache``; returns the new
-    tokens ``[B, max_new_tokens]``. The prompt is prefilled eagerly (and compressed as the policy says); each
+    tokens ``[B, max_new_tokens]``, or fewer with ``eos_token_id`` (one id or several): as in ``generate``, a
+    row that emitted one continues with ``pad_token_id`` (default: the first end id), and decoding ends once
+    every row has (checked every ``STOP_CHECK`` steps, a host synchronisation each; the tokens end at the
+    step where the last row ended). The prompt is prefilled eagerly (and compressed as the policy says); each
     decode step then runs over a static slot layout, captured as a CUDA graph on a GPU (``cuda_graph``:
     default True on CUDA) or run eagerly the same way elsewhere (the tests check both against eager decoding).
     ``attention_mask`` (left padding) works as in ``generate``. ``prefill_chunk`` feeds a long prompt in
@@ -155,6 +159,7 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
                                       or prefill_chunk < 1):
         raise ValueError(f"static_generate: parameter 'prefill_chunk' is {prefill_chunk!r}; allowed: None (the "
                          "prompt in one forward) or an integer >= 1")
+    stop_ids = _stop_ids(eos_token_id, pad_token_id)
     device = input_ids.device
     use_graph = (device.type == "cuda") if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":
@@ -177,10 +182,11 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
                     position_ids=position[:, start:end], use_cache=True, logits_to_keep=1, **cache_kw)
     tokens = torch.empty((b, max_new_tokens), dtype=torch.long, device=device)
     tokens[:, 0] = out.logits[:, -1].argmax(-1)
+    stop = _Stop(stop_ids, tokens[:, :1]) if stop_ids is not None else None
     clock.mark("prefill_s")
-    if max_new_tokens == 1:
+    if max_new_tokens == 1 or (stop is not None and stop.all_done()):
         clock.steady(0)
-        return tokens
+        return tokens[:, :1]
     layers = _layers_static(cache, max_new_tokens, use_graph)
     ids = tokens[:, :1].clone()
     pos = position[:, -1:] + 1
@@ -191,6 +197,8 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
         logits = model(input_ids=ids, position_ids=pos, cache_position=cpos, use_cache=True,
                        logits_to_keep=1, **cache_kw).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
+        if stop is not None:
+            nxt = stop.apply(nxt)
         tokens.index_copy_(1, step, nxt)
         ids.copy_(nxt)
         pos.add_(1)
@@ -207,31 +215,91 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
             static.advance()
 
     remaining = max_new_tokens - 1
+    done = 1  # tokens written
     if not use_graph:
         clock.mark("setup_s")
-        for _ in range(remaining):
+        while done < max_new_tokens:
             stepped(decode_step)
-        clock.steady(remaining)
+            done += 1
+            if stop is not None and stop.due(done) and stop.all_done():
+                break
+        clock.steady(done - 1)
         _release(layers)
-        return tokens
+        return stop.trim(tokens[:, :done]) if stop is not None else tokens
     warm = min(2, remaining)  # real steps on a side stream: kernels compiled, allocator warmed
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(warm):
             stepped(decode_step)
+            done += 1
     torch.cuda.current_stream(device).wait_stream(side)
-    remaining -= warm
-    if remaining:
+    if done < max_new_tokens and not (stop is not None and stop.all_done()):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             decode_step()
-    clock.mark("setup_s")
-    for _ in range(remaining):
-        stepped(graph.replay)
-    clock.steady(remaining)
+        clock.mark("setup_s")
+        steady = done
+        while done < max_new_tokens:
+            stepped(graph.replay)
+            done += 1
+            if stop is not None and stop.due(done) and stop.all_done():
+                break
+        clock.steady(done - steady)
+    else:
+        clock.mark("setup_s")
+        clock.steady(0)
     _release(layers)
-    return tokens
+    return stop.trim(tokens[:, :done]) if stop is not None else tokens
+
+
+STOP_CHECK = 8  # decode steps between the host's checks that every row has ended (each synchronises)
+
+
+def _stop_ids(eos_token_id: Any, pad_token_id: Any) -> tuple[list[int], int] | None:
+    """``(end ids, pad id)`` from ``static_generate``'s arguments, or None without ``eos_token_id``."""
+    if eos_token_id is None:
+        if pad_token_id is not None:
+            raise ValueError(f"static_generate: parameter 'pad_token_id' is {pad_token_id!r} without "
+                             "'eos_token_id'; allowed: None, or an end id given with it")
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ValueError(f"static_generate: parameter 'eos_token_id' is {eos_token_id!r}; allowed: a token id "
+                         ">= 0 or a non-empty list of them")
+    pad = ids[0] if pad_token_id is None else pad_token_id
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"static_generate: parameter 'pad_token_id' is {pad_token_id!r}; allowed: a token id >= 0")
+    return ids, pad
+
+
+class _Stop:
+    """Rows that emitted an end id: each later token is the pad id (graph-safe, on the device)."""
+
+    def __init__(self, stop_ids: tuple[list[int], int], first: torch.Tensor) -> None:
+        ids, self.pad = stop_ids
+        self.eos = torch.tensor(ids, dtype=torch.long, device=first.device)
+        self.done = (first == self.eos).any(-1)  # [B]
+
+    def apply(self, nxt: torch.Tensor) -> torch.Tensor:
+        """The step's tokens ``[B, 1]`` with ended rows padded; rows that end now are marked."""
+        nxt = torch.where(self.done[:, None], self.pad, nxt)
+        self.done.logical_or_((nxt == self.eos).any(-1))
+        return nxt
+
+    def due(self, done: int) -> bool:
+        return done % STOP_CHECK == 0
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def trim(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``[B, T]`` up to the step where the last row ended, if every row has (as ``generate``)."""
+        ended = (tokens[..., None] == self.eos).any(-1)  # [B, T]
+        if not bool(ended.any(-1).all()):
+            return tokens
+        last = int(ended.float().argmax(-1).max())  # each row's first end id; the latest of them
+        return tokens[:, : last + 1]
 
 
 class _Clock:
