@@ -3,7 +3,7 @@ decoding; on a GPU the step is a replayed CUDA graph (the same check runs there)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pytest
@@ -73,23 +73,32 @@ class _OwnStore(kvcompress.Representation):
 
 @dataclass
 class _Counting(kvcompress.SelectionPolicy):
-    """on_tokens() with host-side work (a Python counter): a replayed step would not run it."""
+    """on_tokens() with host-side work: it keeps each call's queries in a Python list."""
 
     name: ClassVar[str] = "counting"
-    calls: int = 0
+    seen_queries: list = field(default_factory=list)
 
     def on_tokens(self, ctx):
-        self.calls += 1
+        if ctx.layer_idx == 0:
+            self.seen_queries.append((ctx.new, ctx.seen, ctx.queries[..., -1, :].clone()))
 
     def score(self, ctx):
         return ctx.positions.float()
 
 
-def test_on_tokens_with_host_work_is_refused():
+def test_host_side_on_tokens_runs_between_steps_on_the_step_queries():
     model = tiny_model("llama")
-    cache = kvcompress.CompressedCache(_Counting(budget=8), model=model)
-    with pytest.raises(ValueError, match="runs on_tokens\\(\\) every step with host-side work; allowed"):
-        kvcompress.static_generate(model, cache, torch.ones(1, 4, dtype=torch.long), 4)
+    ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(7))
+    kvcompress.attach(model)
+    eager, static = _Counting(budget=10, step=4), _Counting(budget=10, step=4)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, min_new_tokens=9, do_sample=False,
+                   pad_token_id=0, past_key_values=kvcompress.CompressedCache(eager, model=model))
+    kvcompress.static_generate(model, kvcompress.CompressedCache(static, model=model), ids, 9)
+    assert len(static.seen_queries) == len(eager.seen_queries) == 9  # the prompt, then 8 decode steps
+    for (n_a, seen_a, q_a), (n_b, seen_b, q_b) in zip(static.seen_queries, eager.seen_queries, strict=True):
+        assert (n_a, seen_a) == (n_b, seen_b)
+        torch.testing.assert_close(q_a, q_b)
+    assert len({q.data_ptr() for _, _, q in static.seen_queries}) == 9  # each its own copy
 
 
 def test_a_store_without_a_static_layout_is_refused():

@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import _kernels, _prefill_kernels
-from .layer import CompressedLayer, current
+from .layer import CompressedLayer, _captured_inputs, current
 from .store import Accumulate
 
 NAME = "kvcompress"
@@ -270,6 +270,9 @@ def _static_attention(layer: CompressedLayer, query, key, value, scaling) -> tor
     if last:  # observe()'s max(last, where(used, position, -1)), with the query's position read on the device
         when = layer.slots.tensors["positions"][0, 0].index_select(0, static.count).float()
         state.copy_(torch.maximum(state, torch.where(static.scratch > acc[2], when, -1.0)))
+    if static.recorded is not None:  # on_tokens() runs between steps, on what this step records
+        hidden = _captured_inputs(layer.layer_idx).get("hidden") if layer.selection.needs_hidden_states else None
+        static.record(query, hidden)
     if static.step_state is not None:  # static_on_tokens: the step's slot of each state, then written at its slot
         ctx = layer.context(query, 1)
         ctx.__dict__["state"] = static.step_state  # SlotContext.state is a cached property

@@ -15,10 +15,11 @@ Supported: selection policies with a fixed ``budget`` (or ``dense``/no eviction,
 prompt plus ``max_new_tokens``), observing ones included where they declare ``accumulated_attention()`` (the
 fused kernel observes inside the graph), over the core's dense store or a representation whose store has a
 static layout (:meth:`KVStore.static_layout`: quant's). Not supported (a clear error): ``ratio`` budgets (the
-capacity grows), stores without a static layout (lowrank), policies whose ``on_tokens`` does host-side work
-(not ``static_on_tokens``: sketch), and ``observe()``
+capacity grows), stores without a static layout (lowrank), and ``observe()``
 without an ``accumulated_attention()`` (a sum, a max, or lru's last use: the kernel gives each slot's heaviest
-head, compared with the threshold on the device).
+head, compared with the threshold on the device). A policy's ``on_tokens`` runs inside the step where it
+declares ``static_on_tokens`` (learned), else between steps on the step's queries and hidden states, recorded
+inside it (sketch: host work every step, as eagerly).
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ def _check(cache: Any, cuda_graph: bool) -> None:
         if sel.ratio is not None:
             raise ValueError(f"static_generate: policy {sel.spec()!r} has a ratio; allowed: a fixed budget "
                              "(the slot table's capacity must not grow)")
-        if type(sel).on_tokens is not SelectionPolicy.on_tokens and not sel.static_on_tokens:
-            raise ValueError(f"static_generate: policy {sel.name!r} runs on_tokens() every step with host-side "
-                             "work; allowed: policies without it, or whose on_tokens() only writes the new slots' "
-                             "state (static_on_tokens)")
         acc = sel.accumulated_attention() if sel.needs_attention else None
         if sel.needs_attention and (acc is None or acc[1] not in ("sum", "max", "last")):
             raise ValueError(f"static_generate: policy {sel.name!r} observes attention decode steps cannot fuse "
@@ -79,9 +76,12 @@ class _Static:
         # a last use (lru) needs each slot's heaviest query head of the step, then compares it on the device
         self.scratch = (torch.zeros_like(slots.tensors[acc[0]]) if acc is not None and acc[1] == "last"
                         else None)
-        # on_tokens() inside the step writes the step's slot of each state here; copied to its slot after
+        # on_tokens() inside the step (static_on_tokens) writes the step's slot of each state here, copied to
+        # its slot after; any other on_tokens() runs between steps on the step's inputs, recorded in the step
+        in_step = layer._on_tokens and layer.selection.static_on_tokens
         self.step_state = ({name: slots.tensors[name][:, :, :1].clone() for name in layer.selection.slot_states}
-                           if layer._on_tokens else None)
+                           if in_step else None)
+        self.recorded: dict[str, torch.Tensor] | None = {} if layer._on_tokens and not in_step else None
         self.reset_bias()
         layer.static = self
 
@@ -99,12 +99,28 @@ class _Static:
         self.layer.slots.tensors["bias"].index_fill_(2, self.count, 0.0)
         return self.layout.append(keys, values, self.count)
 
+    def record(self, queries: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Inside the step: its queries (and hidden states) into fixed buffers, for :meth:`advance`."""
+        rec = self.recorded
+        for name, t in (("queries", queries), ("hidden", hidden)):
+            if t is not None:
+                if name not in rec:  # the first (eager) step sizes them, before any capture
+                    rec[name] = torch.empty_like(t)
+                rec[name].copy_(t)
+
     def advance(self) -> None:
-        """Host bookkeeping after a replayed (or eager static) step, then eviction when due."""
+        """Host bookkeeping after a replayed (or eager static) step: the policy's host-side on_tokens() on
+        the step's recorded inputs, then eviction when due."""
         layer = self.layer
         layer.slots.length += 1
         layer.seen += 1
         self.layout.advance()
+        if self.recorded is not None:
+            from .context import SlotContext
+
+            rec = self.recorded
+            hidden = rec["hidden"].clone() if "hidden" in rec else None
+            layer.selection.on_tokens(SlotContext(layer, rec["queries"].clone(), 1, hidden))
         before = layer.evictions
         layer.maybe_evict(new=1)
         if layer.evictions != before:
