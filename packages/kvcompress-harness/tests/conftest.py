@@ -48,3 +48,32 @@ def tiny(smol):
     model = LlamaForCausalLM(config).eval()
     return LoadedModel(model=model, tokenizer=smol.tokenizer, name="tiny-llama", source="random-init",
                        device=torch.device("cpu"))
+
+
+@pytest.fixture
+def unfusable(monkeypatch):
+    """A registered policy kvcompress.static_generate refuses (it observes attention and declares nothing a
+    fused kernel could compute); its spec."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import kvcompress
+    from kvcompress.plugins import Entry
+
+    @dataclass
+    class ObserveAll(kvcompress.SelectionPolicy):
+        """Each slot's attention summed over every query, through observe() only."""
+
+        name: ClassVar[str] = "observe-all"
+        needs_attention: ClassVar[bool] = True
+        slot_states: ClassVar[dict[str, str]] = {"mass": "float32"}
+
+        def observe(self, ctx, weights, query_positions):
+            ctx.state["mass"].add_(weights.float().sum((2, 3)))
+
+        def score(self, ctx):
+            return ctx.state["mass"]
+
+    reg = kvcompress.get_registry()
+    monkeypatch.setitem(reg.policies, "observe-all", Entry("observe-all", ObserveAll, "tests", "0", "refused"))
+    return "observe-all(budget=16,step=4)"

@@ -74,8 +74,8 @@ def test_speed_cell_out_of_memory_is_a_result_and_the_grid_goes_on(tiny, tmp_pat
     assert run(cfg, loaded=tiny) == []  # an out-of-memory cell is finished: a rerun does not retry it
 
 
-def test_max_batch_decodes_through_static_generate_where_it_can(tiny, tmp_path):
-    cfg = RunConfig(policies=["sink(budget=16,step=4)", "sink(ratio=0.5)"], tasks=["max_batch"], lengths=[32],
+def test_max_batch_decodes_through_static_generate_where_it_can(tiny, tmp_path, unfusable):
+    cfg = RunConfig(policies=["sink(budget=16,step=4)", unfusable], tasks=["max_batch"], lengths=[32],
                     out=str(tmp_path / "g.jsonl"), data="excerpt", progress=False,
                     params={"max_batch": {"start": 2, "limit": 4, "new_tokens": 3, "prefill_chunk": 16,
                                           "graphs": True}})
@@ -83,7 +83,7 @@ def test_max_batch_decodes_through_static_generate_where_it_can(tiny, tmp_path):
     static = m["sink(budget=16,step=4)"]
     assert static["max_batch"] == 4 and static["decode_mode"] == "eager static layout (no CUDA)"
     assert static["graph_refused"] is None and static["decode_tokens_per_s"] > 0
-    for spec, words in (("full", "allowed: a kvcompress cache"), ("sink(ratio=0.5)", "has a ratio")):
+    for spec, words in (("full", "allowed: a kvcompress cache"), (unfusable, "decode steps cannot fuse")):
         assert m[spec]["decode_mode"] == "eager" and words in m[spec]["graph_refused"]  # decoded eagerly instead
         assert m[spec]["max_batch"] == 4 and m[spec]["decode_tokens_per_s"] > 0
 

@@ -62,9 +62,9 @@ def test_single_length_plots_are_bars(tiny, tmp_path):
     assert _coloured(kv) > 2000  # four filled bars, not a column of dots
 
 
-def test_graph_phase_gets_its_own_table(tiny, tmp_path):
+def test_graph_phase_gets_its_own_table(tiny, tmp_path, unfusable):
     out = tmp_path / "g.jsonl"
-    cfg = RunConfig(policies=["sink(budget=16,step=4)", "sink(ratio=0.5)"], tasks=["speed"], lengths=[64],
+    cfg = RunConfig(policies=["sink(budget=16,step=4)", unfusable], tasks=["speed"], lengths=[64],
                     out=str(out), data="excerpt", progress=False,
                     params={"speed": {"new_tokens": 4, "warmup": 1, "graphs": True, "graph_rounds": 1}})
     run(cfg, loaded=tiny)
@@ -73,7 +73,7 @@ def test_graph_phase_gets_its_own_table(tiny, tmp_path):
     table = board.split(head)[1].split("\n\n")[0].splitlines()
     row = next(line for line in table if line.startswith("| `sink(budget=16,step=4)` | 64 | 1 | "))
     assert float(row.split("|")[6]) > 0 and row.split("|")[8].strip().endswith("x")  # replay, speed-up over full
-    assert "refused: policy 'sink(ratio=0.5)' has a ratio" in board
+    assert "refused: policy 'observe-all' observes attention decode steps cannot fuse" in board
 
 
 def test_leaderboard_is_regenerated_from_the_fixture(tmp_path):

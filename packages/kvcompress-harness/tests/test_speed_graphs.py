@@ -10,7 +10,7 @@ from kvcompress_harness.errors import HarnessError
 from kvcompress_harness.models import load_model
 from kvcompress_harness.runner import RunConfig, run
 
-BUDGET, RATIO = "sink(budget=32,step=8)", "sink(ratio=0.5)"
+BUDGET = "sink(budget=32,step=8)"
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def random_model():
     return load_model("random:smollm2-135m?layers=1", device="cpu")
 
 
-def _run(loaded, tmp_path, policies=(BUDGET, RATIO), **speed):
+def _run(loaded, tmp_path, policies=(BUDGET,), **speed):
     cfg = RunConfig(policies=list(policies), tasks=["speed"], lengths=[64], batches=[2],
                     out=str(tmp_path / "r.jsonl"), params={"speed": {"new_tokens": 6, "warmup": 1, **speed}},
                     progress=False)
@@ -27,10 +27,10 @@ def _run(loaded, tmp_path, policies=(BUDGET, RATIO), **speed):
     return {r["policy"]: r["metrics"] for r in records}
 
 
-def test_graph_phase_beside_the_paired_steps(random_model, tmp_path):
-    m = _run(random_model, tmp_path, policies=(BUDGET, "window(budget=24,step=4)", RATIO), graphs=True,
+def test_graph_phase_beside_the_paired_steps(random_model, tmp_path, unfusable):
+    m = _run(random_model, tmp_path, policies=(BUDGET, "window(budget=24,step=4)", unfusable), graphs=True,
              graph_rounds=2)
-    full, ratio = m["full"], m[RATIO]
+    full, refused = m["full"], m[unfusable]
     ref = full["graph_reference"]
     assert ref["graph_mode"] == "eager static layout (no CUDA)" and ref["graph_decode_forwards"] == 5
     assert ref["dense_graph_ms_per_token"] > 0 and ref["dense_token_match_full"] == 1.0  # dense decodes as full
@@ -51,16 +51,16 @@ def test_graph_phase_beside_the_paired_steps(random_model, tmp_path):
         assert g["graph_replay_speedup_over_full_step"] == pytest.approx(
             full["decode_ms_per_token"] / g["graph_replay_ms_per_token"])
     # a policy static_generate cannot hold is a result with the reason, its paired steps measured as ever
-    assert "ratio; allowed: a fixed budget" in ratio["graph_refused"] and "graph_ms_per_token" not in ratio
-    assert ratio["decode_steps"] == 6 and ratio["median_step_ratio"] > 0
+    assert "decode steps cannot fuse" in refused["graph_refused"] and "graph_ms_per_token" not in refused
+    assert refused["decode_steps"] == 6 and refused["median_step_ratio"] > 0
 
 
-def test_graph_phase_alone(random_model, tmp_path):
-    m = _run(random_model, tmp_path, graphs=True, paired=False, graph_rounds=1)
+def test_graph_phase_alone(random_model, tmp_path, unfusable):
+    m = _run(random_model, tmp_path, policies=(BUDGET, unfusable), graphs=True, paired=False, graph_rounds=1)
     assert "decode_ms_per_token" not in m[BUDGET] and m[BUDGET]["graph_ms_per_token"] > 0
     assert "eager_ms_per_token" not in m[BUDGET]
     assert m[BUDGET]["kv_bytes"] == m[BUDGET]["graph_kv_bytes"] < m["full"]["kv_bytes"]
-    assert m[RATIO]["graph_refused"] and "kv_bytes" not in m[RATIO]
+    assert m[unfusable]["graph_refused"] and "kv_bytes" not in m[unfusable]
 
 
 def test_nothing_to_measure_is_refused_before_any_cell(random_model, tmp_path):

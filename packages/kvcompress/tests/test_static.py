@@ -15,13 +15,13 @@ from kvcompress.store import DenseStore
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SPECS = ["dense", "sink(budget=24,step=8)", "window(budget=16,step=4)", "keydiff(budget=20,step=6)",
-         "random(budget=18,step=5)"]
+         "random(budget=18,step=5)", "sink(ratio=0.4,step=4)", "window(ratio=0.5,step=8,sink=2)"]
 
 
 def _observing_specs() -> list[str]:
     reg = kvcompress.get_registry().policies
     return [s for s in ("h2o(budget=20,step=8)", "tova(budget=20,step=4)", "snapkv(budget=24,votes=8,step=8)",
-                        "lru(budget=20,step=4)", "lru(budget=20,step=4,threshold=0.05)")
+                        "lru(budget=20,step=4)", "lru(budget=20,step=4,threshold=0.05)", "h2o(ratio=0.4,step=4)")
             if s.split("(")[0] in reg]
 
 
@@ -50,15 +50,31 @@ def test_static_decoding_equals_eager(spec, device):
         torch.testing.assert_close(a.keys, b.keys)
 
 
-@pytest.mark.parametrize("spec,words", [
-    ("sink(ratio=0.5)", "ratio; allowed: a fixed budget"),
-    ("full", "allowed: a kvcompress cache"),
-])
-def test_static_decoding_refuses_what_it_cannot_hold(spec, words):
+@dataclass
+class _ObserveAll(kvcompress.SelectionPolicy):
+    """Observes attention and declares nothing a fused kernel could compute."""
+
+    name: ClassVar[str] = "observe-all"
+    needs_attention: ClassVar[bool] = True
+    slot_states: ClassVar[dict[str, str]] = {"mass": "float32"}
+
+    def observe(self, ctx, weights, query_positions):
+        ctx.state["mass"].add_(weights.float().sum((2, 3)))
+
+    def score(self, ctx):
+        return ctx.state["mass"]
+
+
+def test_static_decoding_refuses_what_it_cannot_hold():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match=words):
-        kvcompress.static_generate(model, kvcompress.make_cache(spec, model=model), torch.ones(1, 4, dtype=torch.long),
-                                   4)
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="parameter 'cache' is a FullCache; allowed: a kvcompress cache"):
+        kvcompress.static_generate(model, kvcompress.make_cache("full", model=model), ids, 4)
+    kvcompress.attach(model)
+    cache = kvcompress.CompressedCache(_ObserveAll(budget=8), model=model)
+    with pytest.raises(ValueError, match="'observe-all' observes attention decode steps cannot fuse"):
+        kvcompress.static_generate(model, cache, ids, 4)
+    assert cache.get_seq_length() == 0
 
 
 @dataclass

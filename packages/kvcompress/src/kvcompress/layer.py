@@ -321,6 +321,9 @@ class CompressedLayer(CacheLayerMixin):
             plan = self.selection.plan(self.context(new=new), target)
             self._apply(plan, target)
         self.evictions += 1
+        if self.static is not None:  # static_generate holds every buffer where it is
+            self._prefill_free_slots(self.seen)
+            return
         cap = self._capacity()
         if cap is None:  # a ratio: room for the next `step` tokens and 1/32 of slack
             cap = self.slots.length + self.selection.step + self.slots.length // 32

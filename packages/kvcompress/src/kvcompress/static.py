@@ -11,15 +11,14 @@ Why not transformers' ``generate`` with ``torch.compile``: eviction is data-depe
 plan) and runs every ``step`` tokens, outside any fixed graph; compiling the whole loop measured slower than
 eager even for transformers' own ``StaticCache``. This helper captures only the model's decode step.
 
-Supported: selection policies with a fixed ``budget`` (or ``dense``/no eviction, then the capacity is the
-prompt plus ``max_new_tokens``), observing ones included where they declare ``accumulated_attention()`` (the
-fused kernel observes inside the graph), over the core's dense store or a representation whose store has a
-static layout (:meth:`KVStore.static_layout`: quant's). Not supported (a clear error): ``ratio`` budgets (the
-capacity grows), stores without a static layout (lowrank), and ``observe()``
-without an ``accumulated_attention()`` (a sum, a max, or lru's last use: the kernel gives each slot's heaviest
-head, compared with the threshold on the device). A policy's ``on_tokens`` runs inside the step where it
-declares ``static_on_tokens`` (learned), else between steps on the step's queries and hidden states, recorded
-inside it (sketch: host work every step, as eagerly).
+Supported: selection policies with a ``budget``, a ``ratio`` (the capacity is then the budget it reaches
+by the last token) or none (``dense``: the prompt plus ``max_new_tokens``); observing ones where they declare
+``accumulated_attention()`` (a sum or a max, which the fused kernel adds inside the graph, or lru's last use:
+the kernel gives each slot's heaviest head, compared with the threshold on the device); ``on_tokens`` inside
+the step where the policy declares ``static_on_tokens`` (learned), else between steps on the step's queries
+and hidden states, recorded inside it (sketch: host work every step, as eagerly); over the core's dense store
+or a representation whose store has a static layout (:meth:`KVStore.static_layout`: quant's). Refused with the
+reason: stores without a static layout (lowrank) and observing policies that declare nothing.
 """
 
 from __future__ import annotations
@@ -43,9 +42,6 @@ def _check(cache: Any, cuda_graph: bool) -> None:
         raise ValueError(f"static_generate: cache {cache.spec!r} stores tokens as {rep.spec()}: {refusal}; "
                          "allowed: the core's dense store, or a representation whose store has a static layout")
     if isinstance(sel, SelectionPolicy):
-        if sel.ratio is not None:
-            raise ValueError(f"static_generate: policy {sel.spec()!r} has a ratio; allowed: a fixed budget "
-                             "(the slot table's capacity must not grow)")
         acc = sel.accumulated_attention() if sel.needs_attention else None
         if sel.needs_attention and (acc is None or acc[1] not in ("sum", "max", "last")):
             raise ValueError(f"static_generate: policy {sel.name!r} observes attention decode steps cannot fuse "
@@ -130,12 +126,13 @@ class _Static:
 
 def _layers_static(cache: CompressedCache, max_new_tokens: int, cuda_graph: bool) -> list[_Static]:
     out = []
-    for layer in cache.layers:
-        target = layer.selection.target(layer.seen)
+    for layer in cache.layers:  # a ratio's target grows: the capacity is what it reaches by the last token
+        sel = layer.selection
+        target = sel.target(layer.seen + (max_new_tokens if sel.ratio_driven else 0))
         if target is None:
             capacity = layer.slots.length + max_new_tokens + 1
         else:
-            capacity = max(layer.selection.kept_slots(target) + layer.selection.step, layer.slots.length + 1)
+            capacity = max(sel.kept_slots(target) + sel.step, layer.slots.length + 1)
         out.append(_Static(layer, capacity, cuda_graph))
     return out
 
