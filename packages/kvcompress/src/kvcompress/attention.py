@@ -246,39 +246,22 @@ def _static_attention(layer: CompressedLayer, query, key, value, scaling) -> tor
     """A decode step over a layer's whole fixed capacity (kvcompress.static_generate): the bias masks empty
     slots and padding, the model's mask is not needed; observation goes into the policy's state in place.
     Graph-safe: no host reads of device values, no allocation that depends on them."""
-    bias = layer.slots.tensors["bias"]
     static = layer.static
-    acc = layer._acc_spec
-    state = layer.slots.tensors[acc[0]] if acc is not None else None
-    cap = key.shape[2]
-    last = acc is not None and acc[1] == "last"  # lru: each slot's heaviest head this step, then its last use
-    if last:
-        fused = (static.scratch, "max", True)
-    else:
-        fused = (state, acc[1], len(acc) > 2 and acc[2] == "set") if acc is not None else None
+    bias = layer.slots.tensors["bias"]
+    fused = static.observation  # (state, reduce, replace) the kernel fills, or None
     out = static.layout.attend(query, scaling, bias, Accumulate(*fused) if fused is not None else None)
     if out is None:  # the layout handed out keys and values over the whole capacity
-        out = _kernels.fused_decode(query, key, value, cap, None, scaling, bias, fused)
+        out = _kernels.fused_decode(query, key, value, key.shape[2], None, scaling, bias, fused)
     if out is None:
         out, weights = decode_attention(query, key, value, None, scaling, bias)
-        if acc is not None:
+        if fused is not None:
             reduced = (weights.amax(2) if fused[1] == "max" else weights.sum(2)).sum(2).float()  # [B, H, cap]
             if fused[2]:
                 fused[0].copy_(reduced)
             else:
                 fused[0].add_(reduced)
-    if last:  # observe()'s max(last, where(used, position, -1)), with the query's position read on the device
-        when = layer.slots.tensors["positions"][0, 0].index_select(0, static.count).float()
-        state.copy_(torch.maximum(state, torch.where(static.scratch > acc[2], when, -1.0)))
-    if static.recorded is not None:  # on_tokens() runs between steps, on what this step records
-        hidden = _captured_inputs(layer.layer_idx).get("hidden") if layer.selection.needs_hidden_states else None
-        static.record(query, hidden)
-    if static.step_state is not None:  # static_on_tokens: the step's slot of each state, then written at its slot
-        ctx = layer.context(query, 1)
-        ctx.__dict__["state"] = static.step_state  # SlotContext.state is a cached property
-        layer.selection.on_tokens(ctx)
-        for name, t in static.step_state.items():
-            layer.slots.tensors[name].index_copy_(2, static.count, t)
+    hidden = _captured_inputs(layer.layer_idx).get("hidden") if layer.selection.needs_hidden_states else None
+    static.after_attention(query, hidden)
     layer.awaiting_attention = False
     static.count.add_(1)
     return out

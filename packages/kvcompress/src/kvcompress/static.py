@@ -69,9 +69,15 @@ class _Static:
         layer._prefill_free_slots(layer.seen)
         self.count = torch.full((1,), n, dtype=torch.long, device=layer.device)
         acc = layer._acc_spec
-        # a last use (lru) needs each slot's heaviest query head of the step, then compares it on the device
-        self.scratch = (torch.zeros_like(slots.tensors[acc[0]]) if acc is not None and acc[1] == "last"
-                        else None)
+        # what the decode kernel fills: the policy's state, or for a last use (lru) each slot's heaviest query
+        # head of the step, compared with the threshold after the kernel
+        self.scratch = None
+        if acc is not None and acc[1] == "last":
+            self.scratch = torch.zeros_like(slots.tensors[acc[0]])
+            self.observation = (self.scratch, "max", True)
+        else:
+            self.observation = ((slots.tensors[acc[0]], acc[1], len(acc) > 2 and acc[2] == "set")
+                                if acc is not None else None)
         # on_tokens() inside the step (static_on_tokens) writes the step's slot of each state here, copied to
         # its slot after; any other on_tokens() runs between steps on the step's inputs, recorded in the step
         in_step = layer._on_tokens and layer.selection.static_on_tokens
@@ -95,8 +101,27 @@ class _Static:
         self.layer.slots.tensors["bias"].index_fill_(2, self.count, 0.0)
         return self.layout.append(keys, values, self.count)
 
-    def record(self, queries: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        """Inside the step: its queries (and hidden states) into fixed buffers, for :meth:`advance`."""
+    def after_attention(self, queries: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Inside the step, after its attention: a last use from the kernel's heaviest heads (observe()'s
+        ``max(last, where(used, position, -1))``, the query's position read on the device), the policy's
+        ``static_on_tokens`` on the step's slot (then written at its slot), or the step's inputs recorded for
+        a host-side on_tokens() in :meth:`advance`."""
+        layer = self.layer
+        if self.scratch is not None:
+            state, threshold = layer.slots.tensors[layer._acc_spec[0]], layer._acc_spec[2]
+            when = layer.slots.tensors["positions"][0, 0].index_select(0, self.count).float()
+            state.copy_(torch.maximum(state, torch.where(self.scratch > threshold, when, -1.0)))
+        if self.step_state is not None:
+            ctx = layer.context(queries, 1)
+            ctx.__dict__["state"] = self.step_state  # SlotContext.state is a cached property
+            layer.selection.on_tokens(ctx)
+            for name, t in self.step_state.items():
+                layer.slots.tensors[name].index_copy_(2, self.count, t)
+        if self.recorded is not None:
+            self._record(queries, hidden)
+
+    def _record(self, queries: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """The step's queries (and hidden states) into fixed buffers, for :meth:`advance`."""
         rec = self.recorded
         for name, t in (("queries", queries), ("hidden", hidden)):
             if t is not None:
