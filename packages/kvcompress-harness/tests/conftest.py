@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -54,9 +56,6 @@ def tiny(smol):
 def unfusable(monkeypatch):
     """A registered policy kvcompress.static_generate refuses (it observes attention and declares nothing a
     fused kernel could compute); its spec."""
-    from dataclasses import dataclass
-    from typing import ClassVar
-
     import kvcompress
     from kvcompress.plugins import Entry
 
