@@ -18,6 +18,7 @@ SPECS = [
     "quant(bits=8,group_size=16,window=20,sink=2)",
     "quant(bits=2,window=16)",  # rotated, groups of 16
     "sink(budget=48,step=8)+quant(bits=4,group_size=16,window=16)",
+    "window(ratio=0.6,step=8,sink=2)+quant(bits=8,group_size=16,window=16)",  # a ratio: its final size
 ] + (["h2o(budget=48,step=8)+quant(bits=4,group_size=16,window=16)"]  # observed inside the kernel on a GPU
      if "h2o" in kvcompress.get_registry().policies else [])
 
