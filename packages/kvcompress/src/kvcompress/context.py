@@ -89,7 +89,9 @@ class SlotContext:
     """
 
     def __init__(self, layer: CompressedLayer, queries: torch.Tensor | None = None, new: int = 0,
-                 hidden_states: torch.Tensor | None = None) -> None:
+                 hidden_states: torch.Tensor | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
+        if state is not None:  # the core's own tensors in place of the slot table's (a static decode step)
+            self.__dict__["state"] = state
         self._layer = layer
         self.layer_idx = layer.layer_idx
         self.seen = layer.seen

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .cache import CompressedCache
+from .context import SlotContext
 from .policy import SelectionPolicy
 from .store import StaticLayout
 
@@ -112,9 +113,7 @@ class _Static:
             when = layer.slots.tensors["positions"][0, 0].index_select(0, self.count).float()
             state.copy_(torch.maximum(state, torch.where(self.scratch > threshold, when, -1.0)))
         if self.step_state is not None:
-            ctx = layer.context(queries, 1)
-            ctx.__dict__["state"] = self.step_state  # SlotContext.state is a cached property
-            layer.selection.on_tokens(ctx)
+            layer.selection.on_tokens(SlotContext(layer, queries, 1, hidden, state=self.step_state))
             for name, t in self.step_state.items():
                 layer.slots.tensors[name].index_copy_(2, self.count, t)
         if self.recorded is not None:
@@ -137,8 +136,6 @@ class _Static:
         layer.seen += 1
         self.layout.advance()
         if self.recorded is not None:
-            from .context import SlotContext
-
             rec = self.recorded
             hidden = rec["hidden"].clone() if "hidden" in rec else None
             layer.selection.on_tokens(SlotContext(layer, rec["queries"].clone(), 1, hidden))
