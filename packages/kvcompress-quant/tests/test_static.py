@@ -23,9 +23,10 @@ SPECS = [
      if "h2o" in kvcompress.get_registry().policies else [])
 
 
-def _eager(model, spec, ids, new):
+def _eager(model, spec, ids, new, mask=None):
     cache = kvcompress.make_cache(spec, model=model)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new,
+    mask = torch.ones_like(ids) if mask is None else mask
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new,
                          min_new_tokens=new, do_sample=False, pad_token_id=0)
     return out[:, ids.shape[1]:], cache
 
@@ -126,4 +127,20 @@ def test_a_prompt_shorter_than_the_sink(device):
     assert torch.equal(kvcompress.static_generate(model, cache, ids, 50), want)
     for a, b in zip(cache.layers, eager.layers, strict=True):
         assert (a.store.s, a.store.m, a.store.w) == (b.store.s, b.store.m, b.store.w) == (8, 16, 28)
+        torch.testing.assert_close(a.keys, b.keys)
+
+
+@pytest.mark.parametrize("spec", ["quant(bits=4,group_size=16,window=16)",
+                                  "sink(budget=48,step=8)+quant(bits=4,group_size=16,window=16)"])
+def test_a_left_padded_batch(spec):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    ids[1, :7] = 0
+    want, eager = _eager(model, spec, ids, 40, mask)
+    cache = kvcompress.make_cache(spec, model=model)
+    assert torch.equal(kvcompress.static_generate(model, cache, ids, 40, attention_mask=mask), want)
+    for a, b in zip(cache.layers, eager.layers, strict=True):
+        assert (a.store.s, a.store.m, a.store.w) == (b.store.s, b.store.m, b.store.w)
         torch.testing.assert_close(a.keys, b.keys)
