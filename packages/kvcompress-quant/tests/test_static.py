@@ -99,7 +99,9 @@ def test_torch_kernel_is_refused_under_cuda_graphs_only():
 @pytest.mark.skipif(not (kernels.AVAILABLE and (torch.cuda.is_available() or kernels.INTERPRET)),
                     reason="the fused kernel runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("spec", ["quant(bits=4,group_size=16,window=16)",
-                                  "sink(budget=48,step=8)+quant(bits=2,window=16)"])
+                                  "sink(budget=48,step=8)+quant(bits=2,window=16)"]
+                         + (["h2o(budget=48,step=8)+quant(bits=4,group_size=16,window=16)"]  # observed too
+                            if "h2o" in kvcompress.get_registry().policies else []))
 def test_the_fused_kernel_decodes_static_steps_from_device_lengths(spec, monkeypatch):
     """Eager steps launch the kernel with the host's lengths, static ones with ``[at, m]`` read on the device
     and splits over the middle's whole capacity: the same tokens and store (no graph: interpretable)."""
