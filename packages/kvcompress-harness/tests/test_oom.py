@@ -101,3 +101,15 @@ def test_replicate_prefills_one_sequence_and_decodes_the_whole_batch(tiny, tmp_p
     sink = rep["sink(budget=16,step=4)"]
     assert sink["max_batch"] == 4 and sink["decode_mode"] == "eager static layout (no CUDA)"
     assert sink["kv_bytes"] == cells[False]["sink(budget=16,step=4)"]["kv_bytes"]  # the same layout, all 4 rows
+
+
+def test_resolution_stops_the_bisection_short_of_the_edge(tiny, tmp_path, monkeypatch):
+    reg = kvcompress.get_registry()
+    monkeypatch.setitem(reg.policies, "oom-above", Entry("oom-above", OomAbove, "tests", "0", "oom stand-in"))
+    cfg = RunConfig(policies=["oom-above(limit=21)"], tasks=["max_batch"], lengths=[16], out=str(tmp_path / "r.jsonl"),
+                    data="excerpt", progress=False,
+                    params={"max_batch": {"start": 4, "limit": 64, "new_tokens": 1, "prefill_chunk": 16,
+                                          "resolution": 4}})
+    m = next(r for r in run(cfg, loaded=tiny) if r["policy"] != "full")["metrics"]
+    tried = [a["batch"] for a in m["attempts"]]
+    assert tried == [4, 8, 16, 20, 24, 32] and (m["max_batch"], m["oom_at"]) == (20, 24)  # 20 fits, 24 not: 4 apart

@@ -1,7 +1,8 @@
 """``max_batch``: the largest batch that fits at a context length, with the policy's cache.
 
 Batches double from ``start`` until one runs out of memory (or ``limit`` is reached), then bisect
-between the last that fit and the first that did not. A batch fits when its prefill and ``new_tokens``
+between the last that fit and the first that did not, until they are ``resolution`` apart (1: the exact edge;
+8 spares the last three attempts of a search near 200). A batch fits when its prefill and ``new_tokens``
 decode steps finish. ``allocator_peak_bytes`` is the CUDA allocator's peak at that batch, weights included.
 An out-of-memory error is a result here, not a failure: each attempt is recorded.
 
@@ -38,9 +39,9 @@ class MaxBatchTask:
     higher_is_better = True
     default_lengths = (32768,)
     defaults: ClassVar[dict[str, Any]] = {"start": 1, "limit": 1024, "new_tokens": 4, "prefill_chunk": 2048,
-                                          "cudnn_sdpa": False, "graphs": False, "replicate": False}
+                                          "cudnn_sdpa": False, "graphs": False, "replicate": False, "resolution": 1}
     limits: ClassVar[dict[str, tuple]] = {"start": (1, None), "limit": (1, None), "new_tokens": (1, None),
-                                          "prefill_chunk": (1, None)}
+                                          "prefill_chunk": (1, None), "resolution": (1, None)}
     needs_text = False
     labels: ClassVar[dict[str, str]] = {"max_batch": "largest batch that fits (sequences)",
                                         "decode_tokens_per_s": "decode tokens/s at that batch"}
@@ -64,7 +65,8 @@ class MaxBatchTask:
             if fails is None and fits < limit:
                 tried[limit] = self._attempt(ctx, limit)
                 fits, fails = (limit, None) if tried[limit]["fits"] else (fits, limit)
-            while fails is not None and fails - fits > 1:  # bisection
+            resolution = int(ctx.params["resolution"])
+            while fails is not None and fails - fits > resolution:  # bisection, to within `resolution`
                 mid = (fits + fails) // 2
                 tried[mid] = self._attempt(ctx, mid)
                 fits, fails = (mid, fails) if tried[mid]["fits"] else (fits, mid)
