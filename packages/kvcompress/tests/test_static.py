@@ -251,3 +251,25 @@ def test_end_ids_are_checked():
                           ({"eos_token_id": 2, "pad_token_id": "x"}, "parameter 'pad_token_id' is 'x'")):
         with pytest.raises(ValueError, match=words):
             kvcompress.static_generate(model, kvcompress.make_cache("dense", model=model), ids, 4, **kwargs)
+
+
+def test_a_compressed_then_frozen_context_keeps_every_new_token():
+    """kvpress' setting: the context compressed once, the cache frozen, then the question and the answer."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (1, 48), generator=torch.Generator().manual_seed(9))
+
+    def frozen_context():
+        cache = kvcompress.make_cache("sink(budget=16,step=4)", model=model)
+        with torch.no_grad():
+            model(input_ids=ids[:, :40], past_key_values=cache, use_cache=True)
+        cache.compress()
+        cache.freeze()
+        return cache
+
+    eager = frozen_context()
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=eager, max_new_tokens=20,
+                          min_new_tokens=20, do_sample=False, pad_token_id=0)[:, 48:]
+    cache = frozen_context()
+    got = kvcompress.static_generate(model, cache, ids, 20)
+    assert torch.equal(got, want)
+    assert cache.layers[0].slots.length == eager.layers[0].slots.length == 16 + 8 + 19  # nothing evicted after

@@ -151,7 +151,7 @@ def _layers_static(cache: CompressedCache, max_new_tokens: int, cuda_graph: bool
     for layer in cache.layers:  # a ratio's target grows: the capacity is what it reaches by the last token
         sel = layer.selection
         target = sel.target(layer.seen + (max_new_tokens if sel.ratio_driven else 0))
-        if target is None:
+        if target is None or layer.frozen:  # nothing evicted: room for every new token
             capacity = layer.slots.length + max_new_tokens + 1
         else:
             capacity = max(sel.kept_slots(target) + sel.step, layer.slots.length + 1)
