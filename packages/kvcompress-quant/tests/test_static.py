@@ -146,3 +146,24 @@ def test_a_left_padded_batch(spec):
     for a, b in zip(cache.layers, eager.layers, strict=True):
         assert (a.store.s, a.store.m, a.store.w) == (b.store.s, b.store.m, b.store.w)
         torch.testing.assert_close(a.keys, b.keys)
+
+
+def test_a_prefilled_cache_repeated_over_a_batch():
+    """The harness's max_batch.replicate path: one row prefilled but its last token, repeated, continued."""
+    model = tiny_model("llama")
+    spec = "h2o(budget=48,step=8)+quant(bits=4,group_size=16,window=16)"
+    if "h2o" not in kvcompress.get_registry().policies:
+        spec = "sink(budget=48,step=8)+quant(bits=4,group_size=16,window=16)"
+    ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(10))
+
+    def prefilled():
+        cache = kvcompress.make_cache(spec, model=model)
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        return cache
+
+    want = kvcompress.static_generate(model, prefilled(), ids, 30)
+    cache = prefilled()
+    cache.batch_repeat_interleave(3)
+    assert torch.equal(kvcompress.static_generate(model, cache, ids.expand(3, -1), 30), want.expand(3, -1))
+    assert cache.layers[0].store.b == 3 and cache.layers[0].store.m > 0
