@@ -13,9 +13,14 @@ import kvcompress
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+SPECS = ["learned(budget=40,step=4,recent=8,weights=random)",
+         "learned(budget=20,recent=4,step=6,weights=random,age_weight=0)"]
+if "quant" in kvcompress.get_registry().policies:  # composed with a packed store's static layout
+    SPECS.append("learned(budget=40,step=4,recent=8,weights=random)+quant(bits=4,group_size=16,window=8)")
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("spec", ["learned(budget=40,step=4,recent=8,weights=random)",
-                                  "learned(budget=20,recent=4,step=6,weights=random,age_weight=0)"])
+@pytest.mark.parametrize("spec", SPECS)
 def test_static_decoding_equals_eager(spec, device):
     model = tiny_model("llama").to(device)
     ids = prompt(30, seed=2, batch=2).to(device)
