@@ -46,8 +46,10 @@ class QuantLayout(StaticLayout):
         self._sync_lens()
 
     def _sync_lens(self) -> None:
+        """The device's ``[at, m]`` from the host counters (two fills: no copy from the host, no sync)."""
         st = self.store
-        self.lens.copy_(torch.tensor([st.s + st.w if st.s < st.sink else st.sink + st.w, st.m]))
+        self.lens[0].fill_(st.s + st.w if st.s < st.sink else st.sink + st.w)
+        self.lens[1].fill_(st.m)
 
     def append(self, keys, values, slot):
         st, at = self.store, self.lens[:1]
