@@ -64,7 +64,8 @@ def _codes_ptx(bits: int, shift: int) -> str:
 
 
 if AVAILABLE:
-    from kvcompress._kernels import (  # the core's mask, bias, softmax
+    from kvcompress._kernels import (  # the core's mask, bias, softmax, observation store
+        add_column,
         mask_bias,
         online_softmax_step,
         slot_bias,
@@ -523,12 +524,7 @@ if AVAILABLE:
         bias += slot_bias(BIAS, bh, slot, live, stride_bias, HAS_BIAS)
         s = tl.where(live[None, :], s * qk_scale + bias[None, :], float("-inf"))
         p = tl.where(hmask[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        col = tl.max(p, 0) if REDUCE_MAX else tl.sum(p, 0)
-        aptr = ACC + bh * acap + slot
-        if REPLACE:
-            tl.store(aptr, col, mask=valid)
-        else:
-            tl.store(aptr, tl.load(aptr, mask=valid, other=0.0) + col, mask=valid)
+        add_column(ACC, bh * acap + slot, p, valid, REDUCE_MAX, REPLACE)
 
 
 def _splits(m: int, batch_heads: int, slots: int) -> tuple[int, int]:

@@ -100,6 +100,29 @@ if AVAILABLE:
             s = s + slot_bias(BIAS, bh, tok, valid, stride_bias, HAS_BIAS)[None, :]
         return tl.where(valid[None, :], s, float("-inf")), valid
 
+    @triton.jit
+    def _attend_tile(s, valid, V, kbase, tok, offs_d, m_i, l_i, acc, D: tl.constexpr, DOT_F32: tl.constexpr):
+        """One tile of flash attention: the scores ``s`` of slots ``tok`` (``valid``) folded into the running
+        max ``m_i``, sum ``l_i`` and unnormalised output ``acc``."""
+        p, alpha, m_new = online_softmax_step(s, m_i)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kbase + tok[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def add_column(ACC, at, p, live, REDUCE_MAX: tl.constexpr, REPLACE: tl.constexpr):
+        """Each slot's attention ``p`` ``[heads, slots]`` reduced over the heads (max or sum) and added to
+        (``REPLACE``: written in) the float32 state at pointers ``ACC + at``, where ``live``."""
+        col = tl.max(p, 0) if REDUCE_MAX else tl.sum(p, 0)
+        if REPLACE:
+            tl.store(ACC + at, col, mask=live)
+        else:
+            tl.store(ACC + at, tl.load(ACC + at, mask=live, other=0.0) + col, mask=live)
+
     @triton.jit(do_not_specialize=["n", "cap", "acap", "stride_mb", "stride_ms", "stride_bias"],
                 do_not_specialize_on_alignment=["Q", "M", "BIAS"])
     def _observed_decode_kernel(
@@ -123,14 +146,7 @@ if AVAILABLE:
             tok = n0 + offs_n
             s, valid = _scores(q, K, kbase, tok, tok < n, offs_d, M, b, stride_mb, stride_ms, qk_scale, BIAS,
                                bh, stride_bias, D, MASK_KIND, DOT_F32, HAS_BIAS)
-            p, alpha, m_new = online_softmax_step(s, m_i)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + kbase + tok[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if DOT_F32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(s, valid, V, kbase, tok, offs_d, m_i, l_i, acc, D, DOT_F32)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         tl.store(OUT + (bh * G + offs_h)[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
@@ -142,14 +158,7 @@ if AVAILABLE:
                 s, valid = _scores(q, K, kbase, tok, tok < n, offs_d, M, b, stride_mb, stride_ms, qk_scale,
                                    BIAS, bh, stride_bias, D, MASK_KIND, DOT_F32, HAS_BIAS)
                 p = tl.exp2(s - m_safe[:, None]) / l_safe[:, None]
-                p = tl.where(hmask[:, None], p, 0.0)
-                col = tl.max(p, 0) if REDUCE_MAX else tl.sum(p, 0)
-                aptr = ACC + bh * acap + tok
-                live = tok < n
-                if REPLACE:
-                    tl.store(aptr, col, mask=live)
-                else:
-                    tl.store(aptr, tl.load(aptr, mask=live, other=0.0) + col, mask=live)
+                add_column(ACC, bh * acap + tok, tl.where(hmask[:, None], p, 0.0), tok < n, REDUCE_MAX, REPLACE)
 
     @triton.jit(do_not_specialize=["n", "cap", "chunk", "splits", "stride_mb", "stride_ms", "stride_bias"],
                 do_not_specialize_on_alignment=["Q", "M", "BIAS"])
@@ -182,14 +191,7 @@ if AVAILABLE:
             if OBSERVE:
                 tl.store(SCORES + (bh * G + offs_h)[:, None] * n + tok[None, :], s,
                          mask=hmask[:, None] & (tok < stop)[None, :])
-            p, alpha, m_new = online_softmax_step(s, m_i)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + kbase + tok[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if DOT_F32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(s, valid, V, kbase, tok, offs_d, m_i, l_i, acc, D, DOT_F32)
         row = bh * splits + split
         tl.store(PART + (row * BLOCK_H + offs_h)[:, None] * D + offs_d[None, :], acc)
         tl.store(STATS + row * 2 * BLOCK_H + offs_h, m_i)
@@ -233,12 +235,7 @@ if AVAILABLE:
                 s = tl.load(SCORES + (bh * G + offs_h)[:, None] * n + tok[None, :],
                             mask=hmask[:, None] & live[None, :], other=float("-inf"))
                 p = tl.exp2(s - m_safe[:, None]) / l_safe[:, None]
-                col = tl.max(p, 0) if REDUCE_MAX else tl.sum(p, 0)
-                aptr = ACC + bh * acap + tok
-                if REPLACE:
-                    tl.store(aptr, col, mask=live)
-                else:
-                    tl.store(aptr, tl.load(aptr, mask=live, other=0.0) + col, mask=live)
+                add_column(ACC, bh * acap + tok, p, live, REDUCE_MAX, REPLACE)
 
     @triton.jit(do_not_specialize=["at", "cap", "q", "heads", "stride_b", "stride_h", "stride_t"],
                 do_not_specialize_on_alignment=["SK", "SV"])
