@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
@@ -54,24 +52,10 @@ def tiny(smol):
 
 @pytest.fixture
 def unfusable(monkeypatch):
-    """A registered policy kvcompress.static_generate refuses (it observes attention and declares nothing a
-    fused kernel could compute); its spec."""
+    """kvcompress.testing's ObserveAll registered: a policy kvcompress.static_generate refuses; its spec."""
     import kvcompress
     from kvcompress.plugins import Entry
-
-    @dataclass
-    class ObserveAll(kvcompress.SelectionPolicy):
-        """Each slot's attention summed over every query, through observe() only."""
-
-        name: ClassVar[str] = "observe-all"
-        needs_attention: ClassVar[bool] = True
-        slot_states: ClassVar[dict[str, str]] = {"mass": "float32"}
-
-        def observe(self, ctx, weights, query_positions):
-            ctx.state["mass"].add_(weights.float().sum((2, 3)))
-
-        def score(self, ctx):
-            return ctx.state["mass"]
+    from kvcompress.testing import ObserveAll
 
     reg = kvcompress.get_registry()
     monkeypatch.setitem(reg.policies, "observe-all", Entry("observe-all", ObserveAll, "tests", "0", "refused"))

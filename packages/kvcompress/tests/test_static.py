@@ -12,6 +12,7 @@ from conftest import tiny_model
 
 import kvcompress
 from kvcompress.store import DenseStore
+from kvcompress.testing import ObserveAll
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SPECS = ["dense", "sink(budget=24,step=8)", "window(budget=16,step=4)", "keydiff(budget=20,step=6)",
@@ -50,28 +51,13 @@ def test_static_decoding_equals_eager(spec, device):
         torch.testing.assert_close(a.keys, b.keys)
 
 
-@dataclass
-class _ObserveAll(kvcompress.SelectionPolicy):
-    """Observes attention and declares nothing a fused kernel could compute."""
-
-    name: ClassVar[str] = "observe-all"
-    needs_attention: ClassVar[bool] = True
-    slot_states: ClassVar[dict[str, str]] = {"mass": "float32"}
-
-    def observe(self, ctx, weights, query_positions):
-        ctx.state["mass"].add_(weights.float().sum((2, 3)))
-
-    def score(self, ctx):
-        return ctx.state["mass"]
-
-
 def test_static_decoding_refuses_what_it_cannot_hold():
     model = tiny_model("llama")
     ids = torch.ones(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="parameter 'cache' is a FullCache; allowed: a kvcompress cache"):
         kvcompress.static_generate(model, kvcompress.make_cache("full", model=model), ids, 4)
     kvcompress.attach(model)
-    cache = kvcompress.CompressedCache(_ObserveAll(budget=8), model=model)
+    cache = kvcompress.CompressedCache(ObserveAll(budget=8), model=model)
     with pytest.raises(ValueError, match="'observe-all' observes attention decode steps cannot fuse"):
         kvcompress.static_generate(model, cache, ids, 4)
     assert cache.get_seq_length() == 0

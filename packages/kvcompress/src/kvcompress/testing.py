@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+
+from .policy import SelectionPolicy
 
 VOCAB = 97
 
@@ -95,3 +98,21 @@ def reachable_tensors(obj: Any, skip: tuple[str, ...] = ("selection", "represent
         elif hasattr(item, "__dict__") and not isinstance(item, type) and not callable(item):
             stack.extend(v for k, v in vars(item).items() if k not in skip)
     return seen
+
+
+
+@dataclass
+class ObserveAll(SelectionPolicy):
+    """``observe-all``: each slot's attention summed over every query through ``observe()`` only, the highest
+    sums kept. It declares nothing a fused kernel could compute (no ``accumulated_attention()``): what a decode
+    path that needs one (``static_generate``) refuses. Register it under ``name`` to use it by spec."""
+
+    name: ClassVar[str] = "observe-all"
+    needs_attention: ClassVar[bool] = True
+    slot_states: ClassVar[dict[str, str]] = {"mass": "float32"}
+
+    def observe(self, ctx, weights, query_positions):
+        ctx.state["mass"].add_(weights.float().sum((2, 3)))
+
+    def score(self, ctx):
+        return ctx.state["mass"]
