@@ -121,21 +121,21 @@ class KVStore(ABC):
         return None
 
 
-class StaticLayout:
+class StaticLayout(ABC):
     """A store held in place for static decode steps (:func:`kvcompress.static_generate`).
 
     :meth:`append` and :meth:`attend` run inside the captured step: device-side work only, no host reads of
     device values, no allocation whose size depends on them, and every tensor they touch stays where it is
-    between replays. :meth:`advance` and :meth:`rebind` run eagerly between steps. The core keeps the slot
-    table (its per-slot bias masks the slots not in use) and the device-side slot counter.
+    between replays. :meth:`prepare`, :meth:`advance` and :meth:`rebind` run eagerly between steps. The core
+    keeps the slot table (its per-slot bias masks the slots not in use) and the device-side slot counter.
     """
 
+    @abstractmethod
     def append(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step's ``[B, H, 1, D]`` key and value; ``slot`` ``[1]`` (int64, on the device) is its slot
         index. Returns what the layer hands the model: ``[B, H, capacity, D]`` keys and values, or stand-ins
         of that shape when :meth:`attend` takes the step."""
-        raise NotImplementedError
 
     def attend(self, query: torch.Tensor, scaling: float, bias: torch.Tensor,
                accumulate: Accumulate | None) -> torch.Tensor | None:
@@ -144,17 +144,17 @@ class StaticLayout:
         the core attends over what :meth:`append` returned."""
         return None
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Host work due before the next step, after any eviction (a store that packs tokens packs them
         here, as its eager ``append`` would have on this step's token)."""
 
-    def advance(self) -> None:
+    def advance(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Host bookkeeping after each step: the step's token is stored (before the policy may evict)."""
 
-    def rebind(self) -> None:
+    def rebind(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """After an eviction rebuilt the store eagerly: put its contents back into the held tensors."""
 
-    def release(self) -> None:
+    def release(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """The static steps are over: the store goes back to eager use."""
 
 
