@@ -25,7 +25,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import _kernels, _prefill_kernels
 from .layer import CompressedLayer, _captured_inputs, current
-from .store import Accumulate
 
 NAME = "kvcompress"
 QUERY_CHUNK = 256  # queries per chunk when a prompt's attention weights are observed
@@ -249,7 +248,7 @@ def _static_attention(layer: CompressedLayer, query, key, value, scaling) -> tor
     static = layer.static
     bias = layer.slots.tensors["bias"]
     fused = static.observation  # (state, reduce, replace) the kernel fills, or None
-    out = static.layout.attend(query, scaling, bias, Accumulate(*fused) if fused is not None else None)
+    out = static.layout.attend(query, scaling, bias, static.accumulate)
     if out is None:  # the layout handed out keys and values over the whole capacity
         out = _kernels.fused_decode(query, key, value, key.shape[2], None, scaling, bias, fused)
     if out is None:

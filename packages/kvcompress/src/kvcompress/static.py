@@ -30,7 +30,7 @@ import torch
 from .cache import CompressedCache
 from .context import SlotContext
 from .policy import SelectionPolicy
-from .store import StaticLayout
+from .store import Accumulate, StaticLayout
 
 
 def _check(cache: Any, cuda_graph: bool) -> None:
@@ -79,6 +79,7 @@ class _Static:
         else:
             self.observation = ((slots.tensors[acc[0]], acc[1], len(acc) > 2 and acc[2] == "set")
                                 if acc is not None else None)
+        self.accumulate = Accumulate(*self.observation) if self.observation is not None else None
         # on_tokens() inside the step (static_on_tokens) writes the step's slot of each state here, copied to
         # its slot after; any other on_tokens() runs between steps on the step's inputs, recorded in the step
         in_step = layer._on_tokens and layer.selection.static_on_tokens
