@@ -135,3 +135,29 @@ def test_llama3_head_shape():
     got = kernels.decode_attention(store, query.to(dtype), None, 128**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_a_decode_step_appends_through_the_kernel(monkeypatch):
+    """The model's values reach the store transposed (another stride on the step's size-1 query dim than
+    the keys'): the append kernel takes them all the same, one launch per layer and step."""
+    model = tiny_model("llama").to(DEVICE)
+    cache = kvcompress.make_cache("lowrank(basis=random,k_rank=14,v_rank=24,sink=2,window=8)", model=model)
+    taken = []
+    append = kernels.append_token
+    monkeypatch.setattr(kernels, "append_token", lambda *a, **k: taken.append(append(*a, **k)) or taken[-1])
+    greedy_logits(model, ids(20, batch=2).to(DEVICE), cache, steps=2)
+    assert taken and all(taken)
+
+
+def test_a_prompt_one_token_past_the_sink():
+    """The prompt's last token is the rest's first: appended by the kernel at its own position (sink 2, three
+    tokens), as torch ops append it."""
+    model = tiny_model("llama").to(DEVICE)
+    prompt = ids(3, batch=2).to(DEVICE)
+    spec = "lowrank(basis=random,k_rank=14,v_rank=24,coeff_bits=8,sink=2,window=8"
+    fused = kvcompress.make_cache(spec + ")", model=model)
+    plain = kvcompress.make_cache(spec + ",kernel=torch)", model=model)
+    want = greedy_logits(model, prompt, plain, steps=2)
+    got = greedy_logits(model, prompt, fused, steps=2)
+    assert torch.equal(fused.layers[0].store.mpos[:, :, :3], plain.layers[0].store.mpos[:, :, :3])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

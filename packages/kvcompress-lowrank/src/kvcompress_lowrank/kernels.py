@@ -877,7 +877,8 @@ def append_token(store, keys: torch.Tensor, values: torch.Tensor, rows: torch.Te
     into ``store`` in one launch (ring entry, coefficients, position); ``False`` where the kernel does not
     apply."""
     b, h, q, d = keys.shape
-    if q != 1 or keys.stride(-1) != 1 or values.stride() != keys.stride() or keys.dtype != store.dtype:
+    same = values.stride(0) == keys.stride(0) and values.stride(1) == keys.stride(1)  # dim 2 has size 1
+    if q != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1 or not same or keys.dtype != store.dtype:
         return False
     rope = rope_consts(store)
     dummy = store.ck

@@ -276,6 +276,7 @@ class LowRankStore(KVStore):
             self.head_open = False
             self._reserve_ring()
             keys, values, pos, q = keys[:, :, take:], values[:, :, take:], pos[:, :, take:], q - take
+            rows = rows[:, take:]
         self._reserve_mid(self.m + q)
         if self.mid_start is not None:
             self.mid_start = self._uniform_start(pos, self.m)
