@@ -225,6 +225,15 @@ if AVAILABLE:
         km2 = tl.load(KM + h * D + F + offs_f).to(tl.float32)
         return kb1a, kb2a, kb1b, kb2b, km1, km2
 
+    @triton.jit
+    def _device_lens(LENS, window):
+        """(head, middle, window) lengths from a static layout's ``[s, m]`` (int64 on the device): the window
+        is the last ``min(window, m)`` of the rest's ``m`` slots, the middle the others."""
+        s = tl.load(LENS).to(tl.int32)
+        m = tl.load(LENS + 1).to(tl.int32)
+        w = tl.minimum(m, window)
+        return s, m - w, w
+
     @triton.jit(
         do_not_specialize=[
             "s_len",
@@ -265,6 +274,7 @@ if AVAILABLE:
         LOCK,
         LSE,
         Out,
+        LENS,
         s_len,
         m_len,
         w_len,
@@ -298,13 +308,16 @@ if AVAILABLE:
         HAS_BIAS: tl.constexpr,
         MERGE_CHUNK: tl.constexpr,
         OBSERVE: tl.constexpr,
+        DEVICE_LENS: tl.constexpr,
     ):
         # Contiguous store tensors: coefficients [B, HKV, cap_m, R], scales and positions [B, HKV, cap_m],
         # exact buffers [B, HKV, capf, D] (the head [0, s), then the window's ring of `win` entries), bases
         # [HKV, R, D], means [HKV, D], the query [B, HKV * G, D], the per-slot bias [B * HKV, >= s + m + w]
         # (row stride stride_bias) in slot order: head, middle (m_len slots attended from coefficients),
-        # window.
+        # window. DEVICE_LENS (a static layout): the lengths from the device, see _device_lens.
         F: tl.constexpr = D // 2
+        if DEVICE_LENS:
+            s_len, m_len, w_len = _device_lens(LENS, w_len)
         split = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // HKV
@@ -556,6 +569,7 @@ if AVAILABLE:
         BIAS,
         LSE,
         ACC,
+        LENS,
         s_len,
         m_len,
         w_len,
@@ -586,11 +600,14 @@ if AVAILABLE:
         MASK_KIND: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         REDUCE_MAX: tl.constexpr,
+        DEVICE_LENS: tl.constexpr,
     ):
         """Each slot's attention of this step (the scores again, against each row's log2 denominator that the
         attention launch wrote), reduced over the G query heads, added to the float32 slot state ``ACC``
         ``[B * HKV, acap]``. Same splits as the attention."""
         F: tl.constexpr = D // 2
+        if DEVICE_LENS:
+            s_len, m_len, w_len = _device_lens(LENS, w_len)
         split = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // HKV
@@ -797,7 +814,7 @@ if AVAILABLE:
             tl.store(C + row * WIDTH + offs_w, a.to(C.dtype.element_ty), mask=wmask)
 
     @triton.jit(
-        do_not_specialize=["at", "ring_at", "cap_m", "capf", "stride_pb", "stride_kb", "stride_kh"],
+        do_not_specialize=["at", "ring_at", "window", "cap_m", "capf", "stride_pb", "stride_kb", "stride_kh"],
         do_not_specialize_on_alignment=["K", "V", "POS"],
     )
     def _append_kernel(
@@ -818,9 +835,11 @@ if AVAILABLE:
         VM,
         VW,
         INV,
+        LENS,
         rope_scale,
         at,
         ring_at,
+        window,
         cap_m,
         capf,
         stride_pb,
@@ -838,11 +857,16 @@ if AVAILABLE:
         PACKED: tl.constexpr,
         ROPE: tl.constexpr,
         RING: tl.constexpr,
+        DEVICE_LENS: tl.constexpr,
     ):
         """A decode step's new token of one (batch row, kv head): its exact key and value into the ring entry
         ``ring_at``, its coefficients (key un-rotated at its position first) and position into rest slot
-        ``at``."""
+        ``at``. ``DEVICE_LENS`` (a static layout): ``at`` and ``ring_at`` from the device's ``LENS``
+        ``[s, m]`` and the ring's ``window`` entries."""
         F: tl.constexpr = D // 2
+        if DEVICE_LENS:
+            at = tl.load(LENS + 1).to(tl.int32)
+            ring_at = tl.load(LENS).to(tl.int32) + at % window
         bh = tl.program_id(0).to(tl.int64)
         b = bh // HKV
         h = bh % HKV
@@ -872,10 +896,12 @@ if AVAILABLE:
         tl.store(MPOS + row, pos)
 
 
-def append_token(store, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> bool:
+def append_token(store, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                 lens: torch.Tensor | None = None) -> bool:
     """One decode token ``[B, H, 1, D]`` per (batch row, kv head) at true positions ``rows`` ``[B or 1, 1]``
     into ``store`` in one launch (ring entry, coefficients, position); ``False`` where the kernel does not
-    apply."""
+    apply. ``lens`` (a static layout's ``[s, m]``, int64 on the device): the slot and ring entry are read
+    there, not from the store's host counters, so the launch can be captured once and replayed."""
     b, h, q, d = keys.shape
     same = values.stride(0) == keys.stride(0) and values.stride(1) == keys.stride(1)  # dim 2 has size 1
     if q != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1 or not same or keys.dtype != store.dtype:
@@ -890,7 +916,8 @@ def append_token(store, keys: torch.Tensor, values: torch.Tensor, rows: torch.Te
         QUANT=store.quantized,
         PACKED=store.bits == 4,
         ROPE=rope is not None,
-        RING=win > 0,
+        RING=win > 0 or lens is not None,  # static, window 0: the head's next slot gets the exact token
+        DEVICE_LENS=lens is not None,
     )
     key = (keys.device, keys.dtype, store.ck.dtype, "lowrank-append", *consts.values())
     rows = rows.to(torch.int32)
@@ -912,6 +939,7 @@ def append_token(store, keys: torch.Tensor, values: torch.Tensor, rows: torch.Te
         store.basis.v_mean,
         store.basis.v_inv,
         rope.inv_freq if rope is not None else dummy,
+        lens if lens is not None else dummy,  # dummy: never read
     )
     args = tuple(t.data_ptr() for t in tensors) if is_compiled(key) and not INTERPRET else tensors
     ring_at = store.hc + store.m % win if win else 0
@@ -924,6 +952,7 @@ def append_token(store, keys: torch.Tensor, values: torch.Tensor, rows: torch.Te
             rope.scale if rope is not None else 1.0,
             store.m,
             ring_at,
+            max(win, 1),
             store.cap_m,
             store.fk.shape[2],
             rows.stride(0) if rows.shape[0] > 1 else 0,
@@ -1001,6 +1030,14 @@ class RopeConsts(NamedTuple):
     scale: float  # the RoPE's attention scaling (cos/sin magnitude), 1.0 for most models
 
 
+def static_workspace(store, query: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The workspace :func:`decode_attention` takes with ``lens`` for ``query``'s shape (splits over the
+    middle's whole capacity), for a static layout to hold."""
+    b, hq, _, d = query.shape
+    n_mid, _ = splits(store.cap_m, b * store.h, query.device)
+    return _workspace(query.device, b * store.h, hq // store.h, n_mid + 1, d)
+
+
 def rope_consts(store) -> RopeConsts | None:
     """The model's RoPE frequencies and scale, recovered from its own cos/sin once per cache and device:
     each frequency is the float32 value whose products with large positions reproduce the model's cos/sin."""
@@ -1041,10 +1078,16 @@ def decode_attention(
     scaling: float,
     bias: torch.Tensor | None = None,
     accumulate=None,
+    lens: torch.Tensor | None = None,
+    work: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor | None:
     """Attention of one query per head ``[B, Hq, 1, D]`` over ``store``, ``[B, 1, Hq, D]``; with the per-slot
     ``bias`` ``[B, H, >= S]`` (float32) and, with ``accumulate``, each slot's attention (reduced over the
-    query heads of its kv head) added to ``accumulate.into``. ``None`` where the kernel does not apply."""
+    query heads of its kv head) added to ``accumulate.into``. ``None`` where the kernel does not apply.
+
+    ``lens`` (a static layout's ``[s, m]``, int64 on the device): the lengths are read there, the splits
+    cover the middle's whole capacity (the programs past its length do nothing), and ``work``
+    (:func:`static_workspace`, held by the layout: a captured graph keeps its pointers) is the workspace."""
     b, hq, q, d = query.shape
     h = store.h
     if q != 1 or hq % h or d & (d - 1) or d < 32 or b != store.b or query.dtype != store.dtype:
@@ -1065,11 +1108,11 @@ def decode_attention(
     query = query.contiguous()
     g = hq // h
     rope = rope_consts(store)
-    table = ROPE_FROM == "table" and rope is not None
+    table = ROPE_FROM == "table" and rope is not None and lens is None
     m_len, w = store.m - store.w, store.w
-    n_mid, per = splits(m_len, b * h, query.device)
+    n_mid, per = splits(m_len if lens is None else store.cap_m, b * h, query.device)
     ns = n_mid + 1
-    pm, pl, pa, lock, lse = _workspace(query.device, b * h, g, ns, d)
+    pm, pl, pa, lock, lse = work if lens is not None else _workspace(query.device, b * h, g, ns, d)
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
     bs = store.basis
     dummy = out
@@ -1098,6 +1141,7 @@ def decode_attention(
         HAS_BIAS=bias is not None,
         MERGE_CHUNK=MERGE_CHUNK,
         OBSERVE=acc is not None,
+        DEVICE_LENS=lens is not None,
     )
     key = (query.device, query.dtype, store.ck.dtype, mask.dtype, "lowrank", NUM_WARPS, *consts.values())
     scale = rope.scale if rope is not None else 1.0
@@ -1125,9 +1169,12 @@ def decode_attention(
         lock,
         lse,
         out,
+        lens if lens is not None else dummy,  # dummy: never read
     )
     args = tuple(t.data_ptr() for t in tensors) if is_compiled(key) and not INTERPRET else tensors
     win = max(store.window, 1)
+    if lens is not None:
+        w = store.window  # the kernel reads s and m from lens; w_len carries the window
     launch(
         _split_kernel,
         (ns, b * h),
@@ -1179,6 +1226,7 @@ def decode_attention(
                 "ROPE",
                 "MASK_KIND",
                 "HAS_BIAS",
+                "DEVICE_LENS",
             )
         }
         oc["REDUCE_MAX"] = accumulate.reduce == "max"
@@ -1202,6 +1250,7 @@ def decode_attention(
                 bias_in,
                 lse,
                 acc,
+                lens if lens is not None else dummy,
                 store.s,
                 m_len,
                 w,
