@@ -52,6 +52,15 @@ class LowRank(Representation):
                     "'auto' or 'torch', or install 'kvcompress-lowrank[gpu]'"
                 )
 
+    def static_refusal(self, cuda_graph: bool) -> str | None:
+        """Static decode steps work everywhere; replayed as CUDA graphs through the fused kernels only."""
+        from . import kernels
+
+        if cuda_graph and (self.kernel == "torch" or not kernels.AVAILABLE):
+            why = "kernel='torch'" if self.kernel == "torch" else "Triton is not installed"
+            return f"CUDA graphs need the fused Triton kernels ({why})"
+        return None
+
     def setup(self, model: ModelInfo) -> Shared:
         from .basis import Shared
 

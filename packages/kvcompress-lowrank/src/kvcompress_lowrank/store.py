@@ -67,6 +67,7 @@ class LowRankStore(KVStore):
         self.b, self.h, self.d = layer.batch, layer.kv_heads, layer.head_dim
         self.dtype, self.device = layer.dtype, layer.device
         self.s = self.m = 0
+        self.seen = 0  # the next token's slot position (the layer's tokens seen)
         self.hc = 0  # where the ring starts in fk/fv: the head's length once it is complete
         self.head_open = True  # tokens with a true position < sink may still come
         self.cap_hint: int | None = None
@@ -241,6 +242,7 @@ class LowRankStore(KVStore):
     def _true_positions(self, q: int, step: Step | None) -> torch.Tensor:
         """True positions ``[B, q]`` (int32) of the ``q`` tokens being appended; records each row's offset."""
         start = step.start if step is not None else self.length
+        self.seen = start + q
         if step is None or step.cos is None or self.shared.decoder is None:
             pos = torch.arange(start, start + q, device=self.device, dtype=torch.int32).expand(self.b, q)
         else:
@@ -259,7 +261,11 @@ class LowRankStore(KVStore):
         b, h, q, _ = keys.shape
         self._last_q = q
         self._fresh = (keys, values) if q > 1 else None
-        rows = self._true_positions(q, step)
+        self._append_rows(keys, values, self._true_positions(q, step))
+
+    def _append_rows(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
+        """Append ``[B, H, q, D]`` keys and values at true positions ``rows`` ``[B or 1, q]`` (int32)."""
+        b, h, q, _ = keys.shape
         pos = rows.unsqueeze(1).expand(b, h, q)
         if self.head_open:  # the leading tokens that are some row's sink (or padding before it) join the head
             take = int((rows < self.sink).sum(-1).max()) if self.sink else 0
@@ -467,6 +473,7 @@ class LowRankStore(KVStore):
 
     def truncate(self, n: int) -> None:
         self._fresh = None
+        self.seen -= n
         cut = min(n, self.m)
         if cut:
             old_start = self.m - self.w
@@ -502,6 +509,11 @@ class LowRankStore(KVStore):
         target = max(self.m, capacity - self.hc)
         if self.cap_m > target:
             self._alloc_mid(target)
+
+    def static_layout(self, capacity: int, cuda_graph: bool):
+        from .static import LowRankLayout
+
+        return LowRankLayout(self, capacity, cuda_graph)
 
     def tensors(self) -> list[torch.Tensor]:
         own = [self.fk, self.fv, self.hpos, self.offset, *(getattr(self, n) for n in self._mid_names())]
