@@ -4,6 +4,9 @@ graphs)."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -116,6 +119,27 @@ def test_the_fused_kernel_decodes_static_steps_from_device_lengths(spec, monkeyp
     for a, b in zip(cache.layers, eager.layers, strict=True):
         assert (a.store.s, a.store.m, a.store.w) == (b.store.s, b.store.m, b.store.w) and a.store.m > 0
         torch.testing.assert_close(a.keys, b.keys)
+
+
+@pytest.mark.skipif(not (kernels.AVAILABLE and (torch.cuda.is_available() or kernels.INTERPRET)),
+                    reason="the fused kernel runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1")
+def test_a_layout_that_grows_the_middle_keeps_no_old_copy(monkeypatch):
+    """The kernel's cached launch plan holds the store's tensors: a layout that reallocates the middle must
+    not leave the old one alive through it (every layer at once: twice the cache at its largest batch)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(QuantStore, "_fused_enabled", lambda self: True)
+    model = tiny_model("llama").to(device)
+    cache = kvcompress.make_cache("quant(bits=4,group_size=16,window=16)", model=model)
+    ids = torch.randint(1, 96, (1, 41), generator=torch.Generator().manual_seed(4)).to(device)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)  # one fused step: a plan cached
+    store = cache.layers[0].store
+    assert "plan" in store.launch_cache
+    old = weakref.ref(store.ck)
+    store.static_layout(store.length + 10 * store.cap_m, cuda_graph=False)
+    gc.collect()
+    assert old() is None
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -50,7 +50,7 @@ class QuantStore(KVStore):
         self._last_q = 0
         self._stand_in: torch.Tensor | None = None
         self._fused: bool | None = None  # whether attend() runs the Triton kernel (decided once)
-        self.launch_cache: dict = {}  # the kernel's per-store launch constants (kernels.py)
+        self.launch_cache: dict = {}  # the kernel's per-store launch plan (kernels.py); it holds the tensors
         self.pinned = False  # held in place by a static layout (static.py): the middle must not move
 
     # -- layout helpers --------------------------------------------------------------------------
@@ -93,6 +93,7 @@ class QuantStore(KVStore):
             return
         most = self.sink + self.window + self.group
         new_cap = min(most, needed + needed // GROWTH)
+        self.launch_cache.clear()  # the cached plan holds the old tensors: they go once replaced
         fk, fv = self.fk.new_empty((self.b, self.h, new_cap, self.d)), self.fv.new_empty((self.b, self.h,
                                                                                           new_cap, self.d))
         fk[:, :, : self.s] = self.fk[:, :, : self.s]
@@ -106,6 +107,7 @@ class QuantStore(KVStore):
         """(Re)allocate the quantized middle with ``cap`` token slots, keeping the first ``m``."""
         b, h, d, g = self.b, self.h, self.d, self.group
         dp = d // codec.parts(self.bits)
+        self.launch_cache.clear()  # the cached plan holds the old tensors: they go once replaced
         new = {
             "ck": torch.empty((b, h, cap, dp), dtype=torch.uint8, device=self.device),
             "cv": torch.empty((b, h, cap, dp), dtype=torch.uint8, device=self.device),
@@ -358,6 +360,7 @@ class QuantStore(KVStore):
         self.s -= n
 
     def select_batch(self, index: torch.Tensor) -> None:
+        self.launch_cache.clear()
         for name in ("fk", "fv", "ck", "cv", "ks", "kz", "vs", "vz"):
             t = getattr(self, name)
             if t is not None:
