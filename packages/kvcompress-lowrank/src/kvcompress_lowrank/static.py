@@ -41,7 +41,8 @@ class LowRankLayout(StaticLayout):
             st._alloc_mid(capacity)
         self.rows = (st.seen - st.offset).to(torch.int32).view(st.b, 1)  # the next token's true positions
         room = st.s + (st.sink if st.head_open else 0)  # the head's most slots (an eviction only shrinks it)
-        self._reserve(("fk", "fv"), room + max(st.window, 1))
+        # fused, window 0: the append kernel still writes each token exact after the head (one may join it)
+        self._reserve(("fk", "fv"), room + (max(st.window, 1) if self.fused else st.window))
         self._reserve(("hpos",), room)
         self.next_min: int | None = None  # the fused steps' lowest true position, for the head's steps
         if self.fused:
@@ -57,6 +58,7 @@ class LowRankLayout(StaticLayout):
         self._sync_lens()
 
     def _reserve(self, names: tuple[str, ...], rows: int) -> None:
+        """At least ``rows`` slots in the store's tensors ``names`` (zeros beyond what they hold)."""
         st = self.store
         for name in names:
             old = getattr(st, name)
