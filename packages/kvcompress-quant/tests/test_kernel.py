@@ -16,9 +16,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def _store(bits, key_axis, value_axis, b=2, h=4, d=128, n=3000, dtype=torch.bfloat16, group=64,
-           rotate=False):
+           rotate=False, channel_group=None):
     store = QuantStore(bits, group, sink=4, window=128, key_axis=key_axis, value_axis=value_axis,
-                       rotate=rotate)
+                       rotate=rotate, channel_group=channel_group)
     g = torch.Generator(device="cuda").manual_seed(bits)
     for q in (n - 70, 1, 1, 68):
         k = torch.randn(b, h, q, d, device="cuda", generator=g, dtype=dtype)
@@ -66,6 +66,20 @@ def test_merge_and_code_conversion_modes_agree(monkeypatch, merge_chunk, conv):
         ref = kernels.reference_attention(store, query, None, 128**-0.5)
         assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
         assert store.launch_cache["plan"][1].n_mid > max(merge_chunk, 1)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_int2_defaults_take_the_folded_path_in_tiles_of_one_group(rotate):
+    """int2's defaults (keys in groups of 16 tokens, values in groups of 64 channels): the folded path runs
+    16-token tiles, each holding one key group, and matches dequantize-then-sdpa."""
+    store = _store(2, "channel", "token", group=16, channel_group=64, rotate=rotate)
+    query = torch.randn(store.b, 16, 1, 128, device="cuda", dtype=torch.bfloat16)
+    out = store.attend(query, None, 128**-0.5)
+    plan = store.launch_cache["plan"][1]
+    assert plan.consts["PIECES"] and plan.consts["BLOCK_N"] == 16 and plan.per % 16 == 0
+    ref = kernels.reference_attention(store, query, None, 128**-0.5)
+    rel = float((out.float() - ref.float()).norm() / ref.float().norm())
+    assert rel < 1e-2, rel
 
 
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 64), (2, 32), (2, 16)])

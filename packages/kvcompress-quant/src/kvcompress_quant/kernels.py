@@ -527,8 +527,8 @@ if AVAILABLE:
         add_column(ACC, bh * acap + slot, p, valid, REDUCE_MAX, REPLACE)
 
 
-def _splits(m: int, batch_heads: int, slots: int) -> tuple[int, int]:
-    """(number of splits of a quantized middle of ``m`` tokens, tokens per split).
+def _splits(m: int, batch_heads: int, slots: int, block: int = BLOCK_N) -> tuple[int, int]:
+    """(number of splits of a quantized middle of ``m`` tokens, tokens per split: a multiple of ``block``).
 
     ``slots`` programs run at once on the whole GPU. The split count makes the middle's programs fill
     whole waves of them (the most even of up to ``MAX_WAVES`` waves), with at least ``SPLIT_MIN``
@@ -536,18 +536,18 @@ def _splits(m: int, batch_heads: int, slots: int) -> tuple[int, int]:
     tail programs, one per (batch row, kv head), are short and not counted.
     """
     if m == 0:
-        return 0, BLOCK_N
+        return 0, block
     most = max(1, _cdiv(m, SPLIT_MIN))
     best = (0.0, 1)
     for waves in range(1, MAX_WAVES + 1):
         ns = min(most, waves * slots // batch_heads)
         if ns:
-            per = _cdiv(_cdiv(m, ns), BLOCK_N) * BLOCK_N
+            per = _cdiv(_cdiv(m, ns), block) * block
             ns = _cdiv(m, per)
             fill = batch_heads * ns / (_cdiv(batch_heads * ns, slots) * slots)
             if fill > best[0] + 0.02:
                 best = (fill, ns)
-    per = _cdiv(_cdiv(m, best[1]), BLOCK_N) * BLOCK_N
+    per = _cdiv(_cdiv(m, best[1]), block) * block
     return _cdiv(m, per), per
 
 
@@ -558,10 +558,17 @@ def _cdiv(a: int, b: int) -> int:
 PIECES = True  # the folded path for keys per channel + values per token (False: always the generic path)
 
 
+def _tile(store) -> int:
+    """Tokens per tile: ``BLOCK_N``, or a key group smaller than it (int2's 16), so that the folded path's
+    tiles each hold one group (its scale folds into the query)."""
+    g = store.group
+    return g if g < BLOCK_N and BLOCK_N % g == 0 and g >= 16 else BLOCK_N
+
+
 def _piece_width(store, dtype: torch.dtype) -> int:
     """Channels per piece for the folded path, or 0 where it does not apply."""
     if not (PIECES and store.key_axis == "channel" and store.value_axis == "token"
-            and dtype in (torch.float16, torch.bfloat16) and store.group % BLOCK_N == 0):
+            and dtype in (torch.float16, torch.bfloat16) and store.group % _tile(store) == 0):
         return 0
     w = min(store.d * store.bits // 8, store.cgroup)
     return w if store.d // w in (1, 2, 4) and w >= 16 else 0
@@ -637,14 +644,15 @@ def _plan(store, query: torch.Tensor, mask: torch.Tensor, mask_kind: int, has_bi
         HKV=hkv, GQA=hq // hkv, BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)), D=d, BITS=store.bits,
         GT=store.group, GC=store.cgroup, K_TOKEN=store.key_axis == "token",
         V_TOKEN=store.value_axis == "token", SINK=store.sink, MASK_KIND=mask_kind,
-        BLOCK_N=BLOCK_N, DOT_F32=query.dtype == torch.float32, PIECES=width > 0, W=max(16, width),
+        BLOCK_N=_tile(store) if width else BLOCK_N, DOT_F32=query.dtype == torch.float32, PIECES=width > 0,
+        W=max(16, width),
         CONV=0 if INTERPRET else CONV, MERGE_CHUNK=MERGE_CHUNK, GQA_P2=triton.next_power_of_2(hq // hkv),
         ROTATE=bool(store.rotate), HAS_BIAS=has_bias, OBSERVE=observe, DEVICE_LENS=lens is not None,
     )  # MERGE_CHUNK 0: the merge runs as a second launch
     key = (query.device, query.dtype, store.dtype, mask.dtype, NUM_WARPS, NUM_STAGES, MAXNREG,
            *consts.values())
     resident = PROGRAMS_PER_SM or resident_programs(key, query.device) or 2  # 2: a guess until compiled
-    n_mid, per = _splits(m_splits, b * hkv, resident * _sm_count(query.device))
+    n_mid, per = _splits(m_splits, b * hkv, resident * _sm_count(query.device), consts["BLOCK_N"])
     pm, pl, pa, lock, lse = _workspace(query.device, b * hkv, hq // hkv, n_mid + 1, d)
     rotation = codec.hadamard(d, query.device) if store.rotate else pm  # pm: never read
     tensors = (*(getattr(store, n) for n in _STORE_TENSORS), pm, pl, pa, lock, rotation, lse,
