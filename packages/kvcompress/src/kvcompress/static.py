@@ -17,8 +17,8 @@ by the last token) or none (``dense``: the prompt plus ``max_new_tokens``); obse
 the kernel gives each slot's heaviest head, compared with the threshold on the device); ``on_tokens`` inside
 the step where the policy declares ``static_on_tokens`` (learned), else between steps on the step's queries
 and hidden states, recorded inside it (sketch: host work every step, as eagerly); over the core's dense store
-or a representation whose store has a static layout (:meth:`KVStore.static_layout`: quant's). Refused with the
-reason: stores without a static layout (lowrank) and observing policies that declare nothing.
+or a representation whose store has a static layout (:meth:`KVStore.static_layout`: quant's, lowrank's).
+Refused with the reason: stores without a static layout and observing policies that declare nothing.
 """
 
 from __future__ import annotations
