@@ -122,3 +122,22 @@ def test_ratio_budget_shrinks_and_grows_the_store():
     store = cache.layers[0].store
     assert store.length == cache.layers[0].slots.length <= 0.5 * 90 + 8
     assert store.cap_m <= store.m + store.m // 8 + 16
+
+
+def test_an_observation_that_replaces_is_not_added():
+    """``Accumulate(replace=True)`` (tova's "set"): after a decode step the state is that step's attention
+    alone, summed over the query heads of each kv head, whatever it held before."""
+    from kvcompress.store import Accumulate
+
+    model = tiny_model()
+    cache = kvcompress.make_cache(full_rank(), model=model)
+    with torch.no_grad():
+        model(input_ids=ids(30), past_key_values=cache, use_cache=True)
+    store = cache.layers[0].store
+    cfg = model.config
+    gqa = cfg.num_attention_heads // cfg.num_key_value_heads
+    query = torch.randn(1, cfg.num_attention_heads, 1, cfg.hidden_size // cfg.num_attention_heads)
+    for replace, before in ((True, 5.0), (False, 0.0)):
+        state = torch.full((1, cfg.num_key_value_heads, store.length + 4), before)
+        store.attend(query, None, query.shape[-1] ** -0.5, accumulate=Accumulate(state, "sum", replace))
+        torch.testing.assert_close(state.sum(-1), torch.full((1, cfg.num_key_value_heads), float(gqa)))

@@ -399,6 +399,8 @@ class LowRankStore(KVStore):
         n = self.length
         if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[-1] != n):
             return None
+        if accumulate is not None and accumulate.replace:
+            accumulate.into.zero_()  # the step's attention replaces the state (tova): added onto zeros
         if self._fused_enabled():
             from . import kernels
 
