@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.store import Accumulate, StaticLayout
+from kvcompress.store import Accumulate, StaticLayout, restore_held
 
 from .store import LowRankStore
 
@@ -133,13 +133,5 @@ class LowRankLayout(StaticLayout):
 
     def rebind(self) -> None:
         st = self.store
-        for name, held in self.held.items():
-            now = getattr(st, name)
-            if now is not held:
-                rows = now.shape[2]
-                if rows > held.shape[2]:
-                    raise RuntimeError(f"LowRankLayout.rebind: {name} grew to {rows} rows, past the "
-                                       f"{held.shape[2]} held")
-                held[:, :, :rows].copy_(now)
-                setattr(st, name, held)
+        restore_held(st, self.held, "LowRankLayout")
         self._sync_lens()

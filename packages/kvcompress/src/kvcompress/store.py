@@ -158,6 +158,20 @@ class StaticLayout(ABC):
         """The static steps are over: the store goes back to eager use."""
 
 
+def restore_held(store: object, held: dict[str, torch.Tensor], layout: str) -> None:
+    """For a :meth:`StaticLayout.rebind`: each of ``store``'s tensors named in ``held`` that an eager rebuild
+    replaced is copied into the first rows of its held tensor, which takes its place again (the held ones
+    never move; ``layout`` names the caller in the error when a rebuilt one outgrew it)."""
+    for name, kept in held.items():
+        now = getattr(store, name)
+        if now is not kept:
+            rows = now.shape[2]
+            if rows > kept.shape[2]:
+                raise RuntimeError(f"{layout}.rebind: {name} grew to {rows} rows, past the {kept.shape[2]} held")
+            kept[:, :, :rows].copy_(now)
+            setattr(store, name, kept)
+
+
 class _DenseLayout(StaticLayout):
     """The dense buffers at exactly ``capacity`` slots: a step's key and value written at its slot."""
 
