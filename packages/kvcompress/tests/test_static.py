@@ -51,6 +51,32 @@ def test_static_decoding_equals_eager(spec, device):
         torch.testing.assert_close(a.keys, b.keys)
 
 
+@pytest.mark.parametrize("spec", ["dense", "sink(budget=24,step=8)", "keydiff(budget=20,step=6)"]
+                         + [s for s in _observing_specs() if s.startswith(("h2o(budget", "lru(budget=20,step=4)"))])
+def test_static_logits_equal_eager_logits(spec):
+    """Not only the argmax: each static step's logits are eager decoding's (on the CPU, where the static step
+    runs eagerly and its logits can be read; on a GPU the replayed steps' tokens and caches are compared)."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[1, :4] = 0
+    new = 24
+    want = model.generate(ids, attention_mask=mask, past_key_values=kvcompress.make_cache(spec, model=model),
+                          max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+    seen: list[torch.Tensor] = []
+    handle = model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].clone()))
+    try:
+        got = kvcompress.static_generate(model, kvcompress.make_cache(spec, model=model), ids, new,
+                                         attention_mask=mask)
+    finally:
+        handle.remove()
+    assert torch.equal(got, want.sequences[:, ids.shape[1]:])
+    assert len(seen) == new
+    torch.testing.assert_close(torch.stack(seen), torch.stack(want.logits), rtol=1e-5, atol=1e-5)
+
+
 def test_static_decoding_refuses_what_it_cannot_hold():
     model = tiny_model("llama")
     ids = torch.ones(1, 4, dtype=torch.long)
