@@ -9,6 +9,7 @@ import torch
 from conftest import prompt, tiny_model
 
 import kvcompress
+from kvcompress.testing import eager_generate
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -24,12 +25,9 @@ if "quant" in kvcompress.get_registry().policies:  # composed with a packed stor
 def test_static_decoding_equals_eager(spec, device):
     model = tiny_model("llama").to(device)
     ids = prompt(30, seed=2, batch=2).to(device)
-    eager = kvcompress.make_cache(spec, model=model)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=eager, max_new_tokens=40,
-                         min_new_tokens=40, do_sample=False, pad_token_id=0)
+    want, eager, _ = eager_generate(model, spec, ids, 40)
     cache = kvcompress.make_cache(spec, model=model)
-    got = kvcompress.static_generate(model, cache, ids, 40)
-    assert torch.equal(got, out[:, ids.shape[1]:])
+    assert torch.equal(kvcompress.static_generate(model, cache, ids, 40), want)
     for a, b in zip(cache.layers, eager.layers, strict=True):
         assert a.evictions == b.evictions > 0
         assert torch.equal(a.slots.view("positions"), b.slots.view("positions"))

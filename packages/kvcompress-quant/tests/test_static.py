@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model
 
 import kvcompress
+from kvcompress.testing import eager_generate
 from kvcompress_quant import QuantStore, kernels
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -26,20 +27,12 @@ SPECS = [
      if "h2o" in kvcompress.get_registry().policies else [])
 
 
-def _eager(model, spec, ids, new, mask=None):
-    cache = kvcompress.make_cache(spec, model=model)
-    mask = torch.ones_like(ids) if mask is None else mask
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new,
-                         min_new_tokens=new, do_sample=False, pad_token_id=0)
-    return out[:, ids.shape[1]:], cache
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec", SPECS)
 def test_static_decoding_equals_eager(spec, device):
     model = tiny_model("llama").to(device)
     ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(0)).to(device)
-    want, eager = _eager(model, spec, ids, 60)
+    want, eager, _ = eager_generate(model, spec, ids, 60)
     cache = kvcompress.make_cache(spec, model=model)
     got = kvcompress.static_generate(model, cache, ids, 60)
     assert torch.equal(got, want)
@@ -59,7 +52,7 @@ def test_no_window_packs_a_group_one_step_later():
     model = tiny_model("llama")
     spec = "quant(bits=4,group_size=16,window=0,sink=0)"
     ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(0))
-    want, eager = _eager(model, spec, ids, 60)
+    want, eager, _ = eager_generate(model, spec, ids, 60)
     cache = kvcompress.make_cache(spec, model=model)
     assert torch.equal(kvcompress.static_generate(model, cache, ids, 60), want)
     for a, b in zip(cache.layers, eager.layers, strict=True):
@@ -112,7 +105,7 @@ def test_the_fused_kernel_decodes_static_steps_from_device_lengths(spec, monkeyp
     monkeypatch.setattr(QuantStore, "_fused_enabled", lambda self: True)  # on the CPU: the interpreted kernel
     model = tiny_model("llama").to(device)
     ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(3)).to(device)
-    want, eager = _eager(model, spec, ids, 50)
+    want, eager, _ = eager_generate(model, spec, ids, 50)
     cache = kvcompress.make_cache(spec, model=model)
     got = kvcompress.static_generate(model, cache, ids, 50, cuda_graph=False)
     assert torch.equal(got, want)
@@ -148,7 +141,7 @@ def test_a_prompt_shorter_than_the_sink(device):
     model = tiny_model("llama").to(device)
     spec = "quant(bits=4,group_size=16,window=16,sink=8)"
     ids = torch.randint(1, 96, (1, 3), generator=torch.Generator().manual_seed(5)).to(device)
-    want, eager = _eager(model, spec, ids, 50)
+    want, eager, _ = eager_generate(model, spec, ids, 50)
     cache = kvcompress.make_cache(spec, model=model)
     assert torch.equal(kvcompress.static_generate(model, cache, ids, 50), want)
     for a, b in zip(cache.layers, eager.layers, strict=True):
@@ -164,7 +157,7 @@ def test_a_left_padded_batch(spec):
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
     ids[1, :7] = 0
-    want, eager = _eager(model, spec, ids, 40, mask)
+    want, eager, _ = eager_generate(model, spec, ids, 40, mask)
     cache = kvcompress.make_cache(spec, model=model)
     assert torch.equal(kvcompress.static_generate(model, cache, ids, 40, attention_mask=mask), want)
     for a, b in zip(cache.layers, eager.layers, strict=True):

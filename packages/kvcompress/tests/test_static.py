@@ -12,7 +12,7 @@ from conftest import tiny_model
 
 import kvcompress
 from kvcompress.store import DenseStore
-from kvcompress.testing import ObserveAll
+from kvcompress.testing import ObserveAll, eager_generate, static_generate_logits
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SPECS = ["dense", "sink(budget=24,step=8)", "window(budget=16,step=4)", "keydiff(budget=20,step=6)",
@@ -26,13 +26,6 @@ def _observing_specs() -> list[str]:
             if s.split("(")[0] in reg]
 
 
-def _eager(model, spec, ids, mask, new):
-    cache = kvcompress.make_cache(spec, model=model)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
-                         do_sample=False, pad_token_id=0)
-    return out[:, ids.shape[1]:], cache
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec", SPECS + _observing_specs())
 def test_static_decoding_equals_eager(spec, device):
@@ -41,7 +34,7 @@ def test_static_decoding_equals_eager(spec, device):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding
     ids[1, :5] = 0
-    want, eager = _eager(model, spec, ids, mask, 40)
+    want, eager, _ = eager_generate(model, spec, ids, 40, mask)
     cache = kvcompress.make_cache(spec, model=model)
     got = kvcompress.static_generate(model, cache, ids, 40, attention_mask=mask)
     assert torch.equal(got, want)
@@ -62,19 +55,12 @@ def test_static_logits_equal_eager_logits(spec):
     mask[1, :4] = 0
     ids[1, :4] = 0
     new = 24
-    want = model.generate(ids, attention_mask=mask, past_key_values=kvcompress.make_cache(spec, model=model),
-                          max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-                          output_logits=True, return_dict_in_generate=True)
-    seen: list[torch.Tensor] = []
-    handle = model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].clone()))
-    try:
-        got = kvcompress.static_generate(model, kvcompress.make_cache(spec, model=model), ids, new,
+    want, _, want_logits = eager_generate(model, spec, ids, new, mask)
+    got, logits = static_generate_logits(model, kvcompress.make_cache(spec, model=model), ids, new,
                                          attention_mask=mask)
-    finally:
-        handle.remove()
-    assert torch.equal(got, want.sequences[:, ids.shape[1]:])
-    assert len(seen) == new
-    torch.testing.assert_close(torch.stack(seen), torch.stack(want.logits), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, want)
+    assert logits.shape == want_logits.shape
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_static_decoding_refuses_what_it_cannot_hold():

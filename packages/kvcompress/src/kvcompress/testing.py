@@ -77,6 +77,35 @@ def greedy_logits(model: Any, ids: torch.Tensor, cache: Any, steps: int = 32,
     return torch.stack(logits)
 
 
+def eager_generate(model: Any, spec: str, ids: torch.Tensor, new: int,
+                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """The reference :func:`kvcompress.static_generate` is checked against: ``model.generate`` greedy through a
+    fresh ``spec`` cache, exactly ``new`` tokens (``min_new_tokens``: the end id is suppressed until then).
+    Returns the new tokens ``[B, new]``, the cache and each step's logits ``[new, B, V]``."""
+    from .cache import make_cache
+
+    cache = make_cache(spec, model=model)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], cache, torch.stack(out.logits)
+
+
+def static_generate_logits(model: Any, cache: Any, ids: torch.Tensor, new: int, **kwargs: Any
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kvcompress.static_generate` with the last-position logits of every forward it runs
+    ``[forwards, B, V]`` (on the CPU one per new token; on a GPU a replayed step runs no forward to read)."""
+    from .static import static_generate
+
+    seen: list[torch.Tensor] = []
+    handle = model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].clone()))
+    try:
+        tokens = static_generate(model, cache, ids, new, **kwargs)
+    finally:
+        handle.remove()
+    return tokens, torch.stack(seen)
+
+
 def reachable_tensors(obj: Any, skip: tuple[str, ...] = ("selection", "representation", "cache")
                       ) -> dict[int, torch.Tensor]:
     """Every tensor reachable from ``obj`` through attributes, dicts, lists and tuples, by storage pointer: what
