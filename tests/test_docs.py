@@ -15,12 +15,11 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from conftest import REPO, load_real_model
 
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
@@ -50,8 +49,9 @@ def _prelude(page: Path) -> dict:
     """A fresh module (in ``sys.modules``, so dataclasses defined in a block work) with the prelude names."""
     import types
 
-    import kvcompress
     import torch
+
+    import kvcompress
 
     loaded = load_real_model()
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
