@@ -1,5 +1,6 @@
 """Decoding over a static slot layout (kvcompress.static_generate): the same tokens and cache contents as eager
-decoding; on a GPU the step is a replayed CUDA graph (the same check runs there)."""
+decoding; on a GPU the step is a replayed CUDA graph (the same check runs there), and so is each eviction's
+rebuild once it repeats; on the CPU the same captures are checked with emulated graphs ("emulated")."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from conftest import tiny_model
 
 import kvcompress
 from kvcompress.store import DenseStore
-from kvcompress.testing import ObserveAll, eager_generate, static_generate_logits
+from kvcompress.testing import (
+    ObserveAll,
+    eager_generate,
+    emulated_graphs,
+    static_devices,
+    static_generate_logits,
+    static_generate_on,
+    torch_device,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SPECS = ["dense", "sink(budget=24,step=8)", "window(budget=16,step=4)", "keydiff(budget=20,step=6)",
@@ -26,17 +35,21 @@ def _observing_specs() -> list[str]:
             if s.split("(")[0] in reg]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", static_devices())
 @pytest.mark.parametrize("spec", SPECS + _observing_specs())
 def test_static_decoding_equals_eager(spec, device):
-    model = tiny_model("llama").to(device)
-    ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(0)).to(device)
+    model = tiny_model("llama").to(torch_device(device))
+    ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(0)).to(model.device)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding
     ids[1, :5] = 0
     want, eager, _ = eager_generate(model, spec, ids, 40, mask)
     cache = kvcompress.make_cache(spec, model=model)
-    got = kvcompress.static_generate(model, cache, ids, 40, attention_mask=mask)
+    got, graphs = static_generate_on(device, model, cache, ids, 40, attention_mask=mask)
+    if graphs is not None:
+        assert graphs.captures["step"] == 1 and graphs.replays["step"] == 40 - 4  # 2 warm-up steps, the capture's
+        if "budget" in spec:  # a fixed budget: every layer's rebuild repeats from its second decode eviction on
+            assert graphs.captures["rebuild"] == len(cache.layers) and graphs.replays["rebuild"] > 0
     assert torch.equal(got, want)
     for a, b in zip(cache.layers, eager.layers, strict=True):
         assert a.static is None and a.slots.length == b.slots.length
@@ -73,6 +86,18 @@ def test_static_decoding_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="'observe-all' observes attention decode steps cannot fuse"):
         kvcompress.static_generate(model, cache, ids, 4)
     assert cache.get_seq_length() == 0
+    with pytest.raises(ValueError, match="parameter 'cuda_graph' is True but the model is not on a CUDA device"):
+        kvcompress.static_generate(model, kvcompress.make_cache("dense", model=model), ids, 4, cuda_graph=True)
+
+
+def test_cuda_graph_false_captures_nothing_even_where_graphs_are_emulated():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 96, (1, 20), generator=torch.Generator().manual_seed(3))
+    want = kvcompress.static_generate(model, kvcompress.make_cache("sink(budget=8,step=2)", model=model), ids, 30)
+    with emulated_graphs() as graphs:
+        got = kvcompress.static_generate(model, kvcompress.make_cache("sink(budget=8,step=2)", model=model), ids, 30,
+                                         cuda_graph=False)
+    assert torch.equal(got, want) and graphs.captures == {"step": 0, "rebuild": 0}
 
 
 @dataclass

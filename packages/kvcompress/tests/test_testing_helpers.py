@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvcompress
-from kvcompress.testing import ARCHITECTURES, random_ids, tiny_model
+from kvcompress.testing import ARCHITECTURES, EmulatedGraphs, random_ids, tiny_model
 
 
 def test_tiny_model_is_seeded_and_shaped_as_asked():
@@ -54,3 +54,26 @@ def test_greedy_logits_follow_the_greedy_path():
     torch.testing.assert_close(dense, full, rtol=1e-5, atol=1e-5)
     tight = greedy_logits(model, ids, kvcompress.make_cache("window(budget=4)", model=model), steps=5)
     assert not torch.allclose(tight[1:], full[1:], atol=1e-3)  # a 4-token window changes what follows
+
+
+def test_emulated_graphs_bake_host_values_and_write_where_the_capture_wrote():
+    graphs = EmulatedGraphs()
+    x, n = torch.zeros(3), [1]
+
+    def region() -> None:
+        y = x + n[0]  # a fresh tensor: each replay writes its result where the capture's was
+        x.copy_(y * 2)
+
+    replay = graphs.capture(region, shared=True)  # runs once as it is recorded: x = 2
+    assert x.tolist() == [2.0, 2.0, 2.0]
+    n[0] = 100  # Python does not run again: the capture's 1 is baked in, as in a CUDA graph
+    replay()
+    assert x.tolist() == [6.0, 6.0, 6.0]
+    assert graphs.captures == {"step": 0, "rebuild": 1} and graphs.replays == {"step": 0, "rebuild": 1}
+
+
+@pytest.mark.parametrize("read", [lambda x: bool(x.sum() > 1), lambda x: x.nonzero(), lambda x: int(x[0])])
+def test_emulated_graphs_refuse_a_host_read_of_a_device_value(read):
+    x = torch.ones(2)
+    with pytest.raises(RuntimeError, match="reads a device value on the host"):
+        EmulatedGraphs().capture(lambda: read(x), shared=False)

@@ -332,6 +332,13 @@ class CompressedLayer(CacheLayerMixin):
         self._prefill_free_slots(self.seen)
 
     def _keep(self, keep: torch.Tensor) -> None:
+        if self.static is not None:  # static_generate may replay this rebuild as a captured graph
+            self.static.keep(keep)
+        else:
+            self._rebuild(keep)
+
+    def _rebuild(self, keep: torch.Tensor) -> None:
+        """Keep slots ``keep`` ``[B, H_kv, K]`` of the slot table and the store."""
         self.slots.keep(keep)
         self.store.apply(keep, positions=self.slots.view("positions"))
 

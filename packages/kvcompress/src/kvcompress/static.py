@@ -4,8 +4,11 @@ A GPU decode step of an 8B model is mostly host time (Python and kernel launches
 fixed budget a layer's slot table has a fixed capacity (``budget + step``), so a decode step can keep every
 shape static: the step's key and value are written at a device-side slot counter, attention runs over the
 whole capacity with the per-slot bias masking the empty slots (``-inf``), and the step is captured once and
-replayed. Eviction (a plan: scores, top-k, gathers) runs eagerly between replays every ``step`` tokens, in
-place, so the graph's buffers never move.
+replayed. Eviction (a plan: scores, top-k, gathers) runs between replays every ``step`` tokens, in place, so
+the graph's buffers never move: the policy's plan eagerly, and the rebuild that applies a plan of kept slots to
+the slot table and the store captured as a graph of its own the second time a layer meets the same host state
+(a store's layout says what that is: :meth:`StaticLayout.host_state`), then replayed (a quantized store's
+rebuild is many small operations per layer, host time the GPU would wait for).
 
 Why not transformers' ``generate`` with ``torch.compile``: eviction is data-dependent (top-k, gathers, a
 plan) and runs every ``step`` tokens, outside any fixed graph; compiling the whole loop measured slower than
@@ -23,6 +26,7 @@ Refused with the reason: stores without a static layout and observing policies t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,8 +58,10 @@ class _Static:
     """One layer held at a fixed capacity: the slot table (device slot counter, bias ``-inf`` on empty or
     padding slots) here, the keys and values in the store's :class:`StaticLayout`."""
 
-    def __init__(self, layer, capacity: int, cuda_graph: bool) -> None:
+    def __init__(self, layer, capacity: int, cuda_graph: bool, graphs: Any = None) -> None:
         self.layer = layer
+        self.graphs = graphs  # captures rebuilds (None: every rebuild runs eagerly)
+        self.rebuilds: dict[tuple, Any] = {}  # (slots, plan shape, store state) -> False once met, then the replay
         slots = layer.slots
         n = slots.length
         if capacity < n + 1:
@@ -103,6 +109,38 @@ class _Static:
         self.layer.slots.tensors["bias"].index_fill_(2, self.count, 0.0)
         return self.layout.append(keys, values, self.count)
 
+    def keep(self, keep: torch.Tensor) -> None:
+        """An eviction's plan of kept slots ``[B, H_kv, K]`` applied to the slot table and the store, and the
+        store's tensors put back where they are held: eagerly where the layout gives no host state or meets
+        this one (with this many slots, this plan's shape) for the first time; the second time captured (run
+        once as it is captured), later replayed, then the host state it leaves restored."""
+        layer, layout = self.layer, self.layout
+        state = layout.host_state() if self.graphs is not None else None
+        if state is None:
+            layer._rebuild(keep)
+            return
+        key = (layer.slots.length, tuple(keep.shape), state)
+        known = self.rebuilds.get(key)
+        if known is None:  # met once: eagerly, so every kernel it launches has run before any capture
+            self.rebuilds[key] = False
+            layer._rebuild(keep)
+            return
+        if known is False:
+            index = keep.clone()  # the plan's slot in the graph: each replay's plan is copied into it
+
+            def rebuild() -> None:
+                layer._rebuild(index)
+                layout.rebind()
+
+            replay = self.graphs.capture(rebuild, shared=True)
+            self.rebuilds[key] = (replay, index, layer.slots.length, layout.host_state())
+            return
+        replay, index, length, after = known
+        index.copy_(keep)
+        replay()
+        layer.slots.length = length
+        layout.set_host_state(after)
+
     def after_attention(self, queries: torch.Tensor, hidden: torch.Tensor | None) -> None:
         """Inside the step, after its attention: a last use from the kernel's heaviest heads (observe()'s
         ``max(last, where(used, position, -1))``, the query's position read on the device), the policy's
@@ -147,7 +185,7 @@ class _Static:
             self.reset_bias()
 
 
-def _layers_static(cache: CompressedCache, max_new_tokens: int, cuda_graph: bool) -> list[_Static]:
+def _layers_static(cache: CompressedCache, max_new_tokens: int, cuda_graph: bool, graphs: Any) -> list[_Static]:
     out = []
     for layer in cache.layers:  # a ratio's target grows: the capacity is what it reaches by the last token
         sel = layer.selection
@@ -156,7 +194,7 @@ def _layers_static(cache: CompressedCache, max_new_tokens: int, cuda_graph: bool
             capacity = layer.slots.length + max_new_tokens + 1
         else:
             capacity = max(sel.kept_slots(target) + sel.step, layer.slots.length + 1)
-        out.append(_Static(layer, capacity, cuda_graph))
+        out.append(_Static(layer, capacity, cuda_graph, graphs))
     return out
 
 
@@ -165,6 +203,64 @@ def _cache_argument(model: Any) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+CPU_GRAPHS: Callable[[torch.device], Any] | None = None  # kvcompress.testing.emulated_graphs() sets it
+
+
+class _CudaGraphs:
+    """The regions of a static decode captured as CUDA graphs on ``device``: the decode step (a memory pool of
+    its own) and, at evictions, each layer's rebuild (one pool for all of them: they run one after another and
+    keep nothing in it; captured on a side stream without ``torch.cuda.graph``'s synchronisation, garbage
+    collection and cache release, which would cost more than the rebuild)."""
+
+    decode_steps = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def warm(self, run: Callable[[], None]) -> None:
+        """Eager steps on the side stream, before the decode step's capture."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            run()
+        current.wait_stream(self.stream)
+
+    def capture(self, fn: Callable[[], None], shared: bool) -> Callable[[], None]:
+        """``fn`` captured (in the rebuilds' pool when ``shared``) and run once by a replay; returns the replay."""
+        graph = torch.cuda.CUDAGraph()
+        if shared:
+            current = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    fn()
+                finally:
+                    graph.capture_end()
+            current.wait_stream(self.stream)
+        else:
+            with torch.cuda.graph(graph):
+                fn()
+        graph.replay()
+        return graph.replay
+
+
+def _graphs(device: torch.device, cuda_graph: bool | None) -> Any:
+    """What captures a static decode's regions: CUDA graphs on a CUDA device unless ``cuda_graph`` is False;
+    elsewhere what :data:`CPU_GRAPHS` makes (:func:`kvcompress.testing.emulated_graphs`), else nothing."""
+    if cuda_graph is False:
+        return None
+    if device.type == "cuda":
+        return _CudaGraphs(device)
+    if CPU_GRAPHS is not None:
+        return CPU_GRAPHS(device)
+    if cuda_graph:
+        raise ValueError("static_generate: parameter 'cuda_graph' is True but the model is not on a CUDA device")
+    return None
 
 
 @torch.no_grad()
@@ -197,9 +293,8 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
                          "prompt in one forward) or an integer >= 1")
     stop_ids = _stop_ids(eos_token_id, pad_token_id)
     device = input_ids.device
-    use_graph = (device.type == "cuda") if cuda_graph is None else cuda_graph
-    if use_graph and device.type != "cuda":
-        raise ValueError("static_generate: parameter 'cuda_graph' is True but the model is not on a CUDA device")
+    graphs = _graphs(device, cuda_graph)
+    use_graph = graphs is not None and graphs.decode_steps  # the decode step captured
     _check(cache, use_graph)
     b, n = input_ids.shape
     if attention_mask is None:
@@ -223,7 +318,7 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
     if max_new_tokens == 1 or (stop is not None and stop.all_done()):
         clock.steady(0)
         return tokens[:, :1]
-    layers = _layers_static(cache, max_new_tokens, use_graph)
+    layers = _layers_static(cache, max_new_tokens, use_graph, graphs)
     ids = tokens[:, :1].clone()
     pos = position[:, -1:] + 1
     cpos = torch.full((1,), n, dtype=torch.long, device=device)
@@ -262,22 +357,28 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
         clock.steady(done - 1)
         _release(layers)
         return stop.trim(tokens[:, :done]) if stop is not None else tokens
-    warm = min(2, remaining)  # real steps on a side stream: kernels compiled, allocator warmed
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    warm = min(2, remaining)  # real steps first (on a GPU on a side stream): kernels compiled, allocator warmed
+
+    def warm_up() -> None:
+        nonlocal done
         for _ in range(warm):
             stepped(decode_step)
             done += 1
-    torch.cuda.current_stream(device).wait_stream(side)
+
+    graphs.warm(warm_up)
     if done < max_new_tokens and not (stop is not None and stop.all_done()):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            decode_step()
+        replay: Callable[[], None] | None = None
+
+        def capture() -> None:  # the step captured, and run once as it is
+            nonlocal replay
+            replay = graphs.capture(decode_step, shared=False)
+
+        stepped(capture)
+        done += 1
         clock.mark("setup_s")
         steady = done
         while done < max_new_tokens:
-            stepped(graph.replay)
+            stepped(replay)
             done += 1
             if stop is not None and stop.due(done) and stop.all_done():
                 break

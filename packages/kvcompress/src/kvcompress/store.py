@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 import torch
@@ -154,6 +155,18 @@ class StaticLayout(ABC):
     def rebind(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """After an eviction rebuilt the store eagerly: put its contents back into the held tensors."""
 
+    def host_state(self) -> Hashable | None:
+        """The host-side state (counters, sizes: hashable) that an eviction's rebuild reads and writes, the
+        store's :meth:`KVStore.apply` of a plan of kept slots followed by :meth:`rebind`; or ``None`` (default):
+        every rebuild runs eagerly. Where it is given, static_generate captures the rebuild the second time it
+        meets the same state (with as many slots and as many kept), replays it after, then puts back the state
+        the capture left with :meth:`set_host_state`. The rebuild must then do device work alone (no host read
+        of a device value) and leave nothing it keeps outside the held tensors: :meth:`rebind` puts it there."""
+        return None
+
+    def set_host_state(self, state: Hashable) -> None:  # noqa: B027 - optional hook, with host_state
+        """Put back a state :meth:`host_state` returned (after a replayed rebuild)."""
+
     def release(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """The static steps are over: the store goes back to eager use."""
 
@@ -190,6 +203,12 @@ class _DenseLayout(StaticLayout):
 
     def advance(self) -> None:
         self.store.buf.length += 1
+
+    def host_state(self) -> tuple[int]:
+        return (self.store.buf.length,)
+
+    def set_host_state(self, state: tuple[int]) -> None:
+        self.store.buf.length = state[0]
 
 
 class DenseStore(KVStore):

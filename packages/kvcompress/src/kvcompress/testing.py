@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .policy import SelectionPolicy
 
@@ -104,6 +107,131 @@ def static_generate_logits(model: Any, cache: Any, ids: torch.Tensor, new: int, 
     finally:
         handle.remove()
     return tokens, torch.stack(seen)
+
+
+# aten operations a CUDA graph cannot hold: each reads a device value on the host, or sizes its output by one
+_HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique", "_unique2",
+               "unique_consecutive", "unique_dim"}
+_ALLOCATIONS = {"empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided", "empty_permuted"}
+
+
+class _Recording(TorchDispatchMode):
+    """The aten operations a region runs, kept to run again on the same tensors with the same arguments: what a
+    CUDA graph keeps of a region (Python runs once, at capture; every value it computed there is baked in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, tuple, dict, list[torch.Tensor] | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._overloadpacket.__name__
+        if name in _HOST_READS or (name == "repeat_interleave" and isinstance(args[0], torch.Tensor)
+                                   and func._overloadname == "Tensor"):
+            raise RuntimeError(f"emulated CUDA graph: {func} inside a captured region reads a device value on the "
+                               "host (a CUDA graph cannot hold it)")
+        out = func(*args, **kwargs)
+        if func.is_view or name in _ALLOCATIONS:
+            return out  # metadata, or memory whose contents the region writes before it reads them
+        if func._schema.is_mutable:
+            self.ops.append((func, args, kwargs, None))  # in place: run again as it is
+            return out
+        fresh = _tensors(out)
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        if fresh and all(t.untyped_storage().data_ptr() not in inputs for t in fresh):
+            self.ops.append((func, args, kwargs, fresh))  # computed anew, written where the capture's output is
+        return out
+
+    def replay(self) -> None:
+        for func, args, kwargs, fresh in self.ops:
+            result = func(*args, **kwargs)
+            if fresh is not None:
+                for held, new in zip(fresh, _tensors(result), strict=True):
+                    held.copy_(new)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    return []
+
+
+class EmulatedGraphs:
+    """What :func:`emulated_graphs` puts in place of :func:`kvcompress.static_generate`'s CUDA graphs on a CPU:
+    a captured region's aten operations recorded while it runs (Python runs once, as at a CUDA capture), then
+    run again on the same tensors at each replay, fresh results written where the capture's were. What it
+    shares with a CUDA graph: host values baked in at capture, tensors that never move, host reads of device
+    values refused (``RuntimeError``). What it does not see: Triton launches (not aten operations), copies from
+    host memory, memory pools. ``captures`` and ``replays`` count them by kind (``"step"``: the decode step,
+    ``"rebuild"``: an eviction's rebuild of a layer); ``decode_steps``: whether the decode step is captured
+    (False: only the rebuilds, for stores whose decode steps need a GPU kernel to be captured)."""
+
+    def __init__(self, decode_steps: bool = True) -> None:
+        self.decode_steps = decode_steps
+        self.captures = {"step": 0, "rebuild": 0}
+        self.replays = {"step": 0, "rebuild": 0}
+
+    def warm(self, run: Callable[[], None]) -> None:
+        run()
+
+    def capture(self, fn: Callable[[], None], shared: bool) -> Callable[[], None]:
+        """Record ``fn`` while it runs once (``shared``: a rebuild, else the decode step); return its replay."""
+        kind = "rebuild" if shared else "step"
+        recording = _Recording()
+        with recording:
+            fn()
+        self.captures[kind] += 1
+
+        def replay() -> None:
+            self.replays[kind] += 1
+            recording.replay()
+
+        return replay
+
+
+@contextmanager
+def emulated_graphs(decode_steps: bool = True) -> Iterator[EmulatedGraphs]:
+    """Within the block, :func:`kvcompress.static_generate` on a CPU captures what it would capture as CUDA graphs
+    on a GPU (the decode step unless ``decode_steps`` is False, and each eviction's rebuild where the store's
+    layout allows it) with :class:`EmulatedGraphs`, which it yields: graph semantics checked on a CPU."""
+    from . import static
+
+    graphs = EmulatedGraphs(decode_steps)
+    before = static.CPU_GRAPHS
+    static.CPU_GRAPHS = lambda device: graphs
+    try:
+        yield graphs
+    finally:
+        static.CPU_GRAPHS = before
+
+
+def static_devices() -> list[str]:
+    """Where a test checks :func:`kvcompress.static_generate`: ``"cpu"`` (static steps run eagerly),
+    ``"emulated"`` (on the CPU, what a GPU captures captured as :class:`EmulatedGraphs`) and ``"cuda"`` when a
+    GPU is there. :func:`torch_device` gives the device to put the model on."""
+    return ["cpu", "emulated"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def torch_device(device: str) -> str:
+    """The torch device of one of :func:`static_devices` (``"emulated"`` runs on the CPU)."""
+    return "cpu" if device == "emulated" else device
+
+
+def static_generate_on(device: str, model: Any, cache: Any, ids: torch.Tensor, new: int, decode_steps: bool = True,
+                       **kwargs: Any) -> tuple[torch.Tensor, EmulatedGraphs | None]:
+    """:func:`kvcompress.static_generate` as on ``device`` (one of :func:`static_devices`): under
+    :func:`emulated_graphs` (``decode_steps`` passed on) for ``"emulated"``, which it returns beside the tokens
+    (``None`` elsewhere)."""
+    from .static import static_generate
+
+    if device != "emulated":
+        return static_generate(model, cache, ids, new, **kwargs), None
+    with emulated_graphs(decode_steps) as graphs:
+        return static_generate(model, cache, ids, new, **kwargs), graphs
 
 
 def reachable_tensors(obj: Any, skip: tuple[str, ...] = ("selection", "representation", "cache")
