@@ -21,7 +21,8 @@ class QuantLayout(StaticLayout):
     store's own ``append`` would have moved them; every ``group`` tokens the tail's oldest whole groups are
     quantized onto the middle and the rest moves to the front of the tail, in place, before the step whose
     eager ``append`` would have done it; an eviction rebuilds the store as eagerly, then its contents are
-    copied back into the held tensors.
+    copied back into the held tensors (a rebuild the core replays as a graph once it meets the same counters
+    again: :meth:`host_state`).
 
     Without the fused kernel (CPU, ``kernel='torch'``; never under CUDA graphs) a step hands the model the
     store decoded over the whole capacity, from the host counters.
@@ -114,6 +115,16 @@ class QuantLayout(StaticLayout):
         restore_held(st, self.held, "QuantLayout")
         st.cap_m = self.held["ck"].shape[2]
         self._sync_lens()
+
+    def host_state(self) -> tuple[int, int, int]:
+        """The counters a rebuild reads and writes (sizes are held; ``rebind`` restores ``cap_m``)."""
+        st = self.store
+        return st.s, st.m, st.w
+
+    def set_host_state(self, state: tuple[int, int, int]) -> None:
+        st = self.store
+        st.s, st.m, st.w = state
+        st._fresh = None
 
     def release(self) -> None:
         self.store.pinned = False
