@@ -72,7 +72,8 @@ def test_emulated_graphs_bake_host_values_and_write_where_the_capture_wrote():
     assert graphs.captures == {"step": 0, "rebuild": 1} and graphs.replays == {"step": 0, "rebuild": 1}
 
 
-@pytest.mark.parametrize("read", [lambda x: bool(x.sum() > 1), lambda x: x.nonzero(), lambda x: int(x[0])])
+@pytest.mark.parametrize("read", [lambda x: bool(x.sum() > 1), lambda x: x.nonzero(), lambda x: int(x[0]),
+                                  lambda x: x.repeat_interleave(x.long())])
 def test_emulated_graphs_refuse_a_host_read_of_a_device_value(read):
     x = torch.ones(2)
     with pytest.raises(RuntimeError, match="reads a device value on the host"):

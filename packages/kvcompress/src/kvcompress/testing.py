@@ -1,5 +1,7 @@
 """Tiny random-init decoder models for tests, ours and plugin authors': real architectures built from configs
-(seeded, no download). ``import kvcompress.testing`` imports torch and transformers; ``import kvcompress`` does not.
+(seeded, no download); the references static decoding is checked against, and CUDA graph semantics emulated on
+a CPU (:func:`emulated_graphs`). ``import kvcompress.testing`` imports torch and transformers; ``import
+kvcompress`` does not.
 """
 
 from __future__ import annotations
@@ -126,8 +128,9 @@ class _Recording(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._overloadpacket.__name__
-        if name in _HOST_READS or (name == "repeat_interleave" and isinstance(args[0], torch.Tensor)
-                                   and func._overloadname == "Tensor"):
+        sized_by_data = (name == "repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor")
+                         and kwargs.get("output_size") is None)  # repeats as a tensor: the output size is read
+        if name in _HOST_READS or sized_by_data:
             raise RuntimeError(f"emulated CUDA graph: {func} inside a captured region reads a device value on the "
                                "host (a CUDA graph cannot hold it)")
         out = func(*args, **kwargs)
