@@ -78,3 +78,11 @@ def test_emulated_graphs_refuse_a_host_read_of_a_device_value(read):
     x = torch.ones(2)
     with pytest.raises(RuntimeError, match="reads a device value on the host"):
         EmulatedGraphs().capture(lambda: read(x), shared=False)
+
+
+@pytest.mark.parametrize("make", [lambda x: torch.tensor([1.0, 2.0], device=x.device) + x,
+                                  lambda x: torch.as_tensor([[0, 1]], device=x.device)])
+def test_emulated_graphs_refuse_a_tensor_made_of_host_data(make):
+    x = torch.ones(2)
+    with pytest.raises(RuntimeError, match="tensor of host data"):
+        EmulatedGraphs().capture(lambda: make(x), shared=True)

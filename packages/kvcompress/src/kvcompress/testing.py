@@ -114,6 +114,7 @@ def static_generate_logits(model: Any, cache: Any, ids: torch.Tensor, new: int, 
 # aten operations a CUDA graph cannot hold: each reads a device value on the host, or sizes its output by one
 _HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique", "_unique2",
                "unique_consecutive", "unique_dim"}
+_FROM_HOST = {"lift_fresh", "lift_fresh_copy"}  # a tensor of host data (torch.tensor, torch.as_tensor)
 _ALLOCATIONS = {"empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided", "empty_permuted"}
 
 
@@ -133,6 +134,9 @@ class _Recording(TorchDispatchMode):
         if name in _HOST_READS or sized_by_data:
             raise RuntimeError(f"emulated CUDA graph: {func} inside a captured region reads a device value on the "
                                "host (a CUDA graph cannot hold it)")
+        if name in _FROM_HOST and args[0].dim() > 0:  # torch.tensor(list, device=...): a copy from host memory
+            raise RuntimeError(f"emulated CUDA graph: {func} inside a captured region makes a tensor of host data "
+                               "(on a GPU a copy from pageable host memory, which a capture refuses)")
         out = func(*args, **kwargs)
         if func.is_view or name in _ALLOCATIONS:
             return out  # metadata, or memory whose contents the region writes before it reads them
@@ -168,10 +172,11 @@ class EmulatedGraphs:
     a captured region's aten operations recorded while it runs (Python runs once, as at a CUDA capture), then
     run again on the same tensors at each replay, fresh results written where the capture's were. What it
     shares with a CUDA graph: host values baked in at capture, tensors that never move, host reads of device
-    values refused (``RuntimeError``). What it does not see: Triton launches (not aten operations), copies from
-    host memory, memory pools. ``captures`` and ``replays`` count them by kind (``"step"``: the decode step,
-    ``"rebuild"``: an eviction's rebuild of a layer); ``decode_steps``: whether the decode step is captured
-    (False: only the rebuilds, for stores whose decode steps need a GPU kernel to be captured)."""
+    values and tensors made of host data (``torch.tensor(list)``) refused (``RuntimeError``). What it does not
+    see: Triton launches (not aten operations), ``.to()`` copies of host tensors made outside the region (on a
+    CPU they are no copies), memory pools. ``captures`` and ``replays`` count them by kind (``"step"``: the
+    decode step, ``"rebuild"``: an eviction's rebuild of a layer); ``decode_steps``: whether the decode step
+    is captured (False: only the rebuilds, for stores whose decode steps need a GPU kernel to be captured)."""
 
     def __init__(self, decode_steps: bool = True) -> None:
         self.decode_steps = decode_steps
