@@ -57,8 +57,8 @@ def test_run_and_report_end_to_end(tmp_path, wikitext_file):
         assert "SmolLM2-135M-Instruct" in r["model"] and r["chunk"] == 16 and r["length"] == 96
         assert r["data_source"].startswith("file:") and r["versions"]["transformers"]
         assert r["reference"]["metrics"][r["primary"]] is not None
-        trace = out.parent / r["profile"]
-        assert json.loads(trace.read_text())["traceEvents"]
+    for trace in {r["profile"] for r in records}:  # a speed group's cells share one trace (~100 MB here)
+        assert json.loads((out.parent / trace).read_text())["traceEvents"]
     by = {(r["task"], r["policy"]): r["metrics"] for r in records}
     assert by[("passkey", "full")]["accuracy"] == 1.0
     assert by[("perplexity", "window(budget=32)")]["ppl"] > by[("perplexity", "full")]["ppl"]
