@@ -64,7 +64,7 @@ def test_emulated_graphs_bake_host_values_and_write_where_the_capture_wrote():
         y = x + n[0]  # a fresh tensor: each replay writes its result where the capture's was
         x.copy_(y * 2)
 
-    replay = graphs.capture(region, shared=True)  # runs once as it is recorded: x = 2
+    replay = graphs.capture(region, "rebuild")  # runs once as it is recorded: x = 2
     assert x.tolist() == [2.0, 2.0, 2.0]
     n[0] = 100  # Python does not run again: the capture's 1 is baked in, as in a CUDA graph
     replay()
@@ -77,7 +77,7 @@ def test_emulated_graphs_bake_host_values_and_write_where_the_capture_wrote():
 def test_emulated_graphs_refuse_a_host_read_of_a_device_value(read):
     x = torch.ones(2)
     with pytest.raises(RuntimeError, match="reads a device value on the host"):
-        EmulatedGraphs().capture(lambda: read(x), shared=False)
+        EmulatedGraphs().capture(lambda: read(x), "step")
 
 
 @pytest.mark.parametrize("make", [lambda x: torch.tensor([1.0, 2.0], device=x.device) + x,
@@ -85,4 +85,4 @@ def test_emulated_graphs_refuse_a_host_read_of_a_device_value(read):
 def test_emulated_graphs_refuse_a_tensor_made_of_host_data(make):
     x = torch.ones(2)
     with pytest.raises(RuntimeError, match="tensor of host data"):
-        EmulatedGraphs().capture(lambda: make(x), shared=True)
+        EmulatedGraphs().capture(lambda: make(x), "rebuild")

@@ -132,7 +132,7 @@ class _Static:
                 layer._rebuild(index)
                 layout.rebind()
 
-            replay = self.graphs.capture(rebuild, shared=True)
+            replay = self.graphs.capture(rebuild, "rebuild")
             self.rebuilds[key] = (replay, index, layer.slots.length, layout.host_state())
             return
         replay, index, length, after = known
@@ -229,10 +229,11 @@ class _CudaGraphs:
             run()
         current.wait_stream(self.stream)
 
-    def capture(self, fn: Callable[[], None], shared: bool) -> Callable[[], None]:
-        """``fn`` captured (in the rebuilds' pool when ``shared``) and run once by a replay; returns the replay."""
+    def capture(self, fn: Callable[[], None], kind: str) -> Callable[[], None]:
+        """``fn`` captured and run once by a replay; returns the replay. ``kind``: ``"step"`` (the decode step,
+        a pool of its own) or ``"rebuild"`` (an eviction's rebuild of a layer, in the rebuilds' shared pool)."""
         graph = torch.cuda.CUDAGraph()
-        if shared:
+        if kind == "rebuild":
             current = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):
@@ -371,7 +372,7 @@ def static_generate(model: Any, cache: Any, input_ids: torch.Tensor, max_new_tok
 
         def capture() -> None:  # the step captured, and run once as it is
             nonlocal replay
-            replay = graphs.capture(decode_step, shared=False)
+            replay = graphs.capture(decode_step, "step")
 
         stepped(capture)
         done += 1

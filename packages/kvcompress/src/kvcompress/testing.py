@@ -186,9 +186,8 @@ class EmulatedGraphs:
     def warm(self, run: Callable[[], None]) -> None:
         run()
 
-    def capture(self, fn: Callable[[], None], shared: bool) -> Callable[[], None]:
-        """Record ``fn`` while it runs once (``shared``: a rebuild, else the decode step); return its replay."""
-        kind = "rebuild" if shared else "step"
+    def capture(self, fn: Callable[[], None], kind: str) -> Callable[[], None]:
+        """Record ``fn`` while it runs once (``kind``: ``"step"`` or ``"rebuild"``); return its replay."""
         recording = _Recording()
         with recording:
             fn()
